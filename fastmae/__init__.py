@@ -1,0 +1,34 @@
+"""fastmae: Masked Autoencoder pre-training with fused Triton kernels.
+
+``fastmae.MaskedAutoencoderViT`` is a drop-in for facebookresearch/mae's model;
+``fastmae.reference`` is the pure-PyTorch oracle; ``fastmae.functional`` holds the fused ops.
+"""
+
+from fastmae import functional, reference
+from fastmae.dispatch import get_backend, set_backend, use_backend
+from fastmae.model import (
+    MaskedAutoencoderViT,
+    mae_vit_base_patch16,
+    mae_vit_base_patch16_dec512d8b,
+    mae_vit_huge_patch14,
+    mae_vit_huge_patch14_dec512d8b,
+    mae_vit_large_patch16,
+    mae_vit_large_patch16_dec512d8b,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedAutoencoderViT",
+    "functional",
+    "get_backend",
+    "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_huge_patch14",
+    "mae_vit_huge_patch14_dec512d8b",
+    "mae_vit_large_patch16",
+    "mae_vit_large_patch16_dec512d8b",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,85 @@
+"""Input validation shared by the reference, the drop-in and the functional ops.
+
+Every error names what was expected and what came, so a wrong call fails loudly instead of
+reading memory it should not or returning a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def check_tensor(value, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_floating(value: torch.Tensor, name: str) -> None:
+    check_tensor(value, name)
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {value.dtype}; "
+            f"convert it first, e.g. {name}.float() / 255"
+        )
+
+
+def check_images(imgs, in_chans: int | None, img_size: tuple[int, int] | None) -> None:
+    """imgs must be a floating ``[N, C, H, W]`` tensor; C and (H, W) checked where given."""
+    check_floating(imgs, "imgs")
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
+    if in_chans is not None and imgs.shape[1] != in_chans:
+        raise ValueError(
+            f"imgs has {imgs.shape[1]} channels, the model expects in_chans={in_chans} "
+            f"(shape {tuple(imgs.shape)})"
+        )
+    if img_size is not None and tuple(imgs.shape[2:]) != tuple(img_size):
+        raise ValueError(
+            f"imgs is {imgs.shape[2]}x{imgs.shape[3]} (H x W), the model expects "
+            f"{img_size[0]}x{img_size[1]}"
+        )
+
+
+def check_divisible(height: int, width: int, patch_size: tuple[int, int]) -> None:
+    if height % patch_size[0] or width % patch_size[1]:
+        raise ValueError(
+            f"image size {height}x{width} (H x W) is not divisible by the patch size "
+            f"{patch_size[0]}x{patch_size[1]}"
+        )
+
+
+def len_keep(num_patches: int, mask_ratio) -> int:
+    """Number of kept patches, ``int(L * (1 - mask_ratio))`` exactly as the official code."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
+        raise TypeError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return int(num_patches * (1 - mask_ratio))
+
+
+def check_noise(noise, batch: int, num_patches: int, device: torch.device) -> None:
+    check_floating(noise, "noise")
+    if tuple(noise.shape) != (batch, num_patches):
+        raise ValueError(
+            f"noise must have shape [N, L] = [{batch}, {num_patches}], got {tuple(noise.shape)}"
+        )
+    if noise.device != device:
+        raise ValueError(f"noise is on {noise.device}, the images are on {device}")
+
+
+def check_ids(ids, name: str, batch: int, length: int, device: torch.device) -> None:
+    check_tensor(ids, name)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {ids.dtype}")
+    if tuple(ids.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device}, expected {device}")
+
+
+def check_shape(value, name: str, expected: tuple[int, ...]) -> None:
+    check_tensor(value, name)
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {list(expected)}, got {list(value.shape)}")

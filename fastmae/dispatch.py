@@ -1,0 +1,77 @@
+"""Which implementation of the fused ops runs, decided in this one place.
+
+Backends:
+- ``"auto"`` (default): the Triton kernels for CUDA tensors, and for CPU tensors when Triton's
+  interpreter is on (``TRITON_INTERPRET=1``, set before triton is imported; fp32 only, so
+  other dtypes take the torch path there); the torch path otherwise.
+- ``"triton"``: always the Triton kernels; an error where they cannot run.
+- ``"torch"``: always the vectorised torch version of the same fused algorithm.
+
+Choose with the environment variable ``FASTMAE_BACKEND``, with :func:`set_backend`, or for a
+block of code with ``with fastmae.use_backend("torch"):``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from fastmae.kernels import HAS_TRITON, interpreting
+
+BACKENDS = ("auto", "triton", "torch")
+_INTERPRETER_DTYPES = (torch.float32, torch.int64, torch.int32)
+
+
+def _validated(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"fastmae backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _validated(os.environ.get("FASTMAE_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for the fused ops: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    global _backend
+    _backend = _validated(name)
+
+
+@contextmanager
+def use_backend(name: str):
+    """Run the enclosed block with backend ``name``, then restore the previous one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the fused op on ``tensors`` (the first decides the device) runs Triton kernels."""
+    device = tensors[0].device
+    runnable = HAS_TRITON and (
+        device.type == "cuda"
+        or (
+            device.type == "cpu"
+            and interpreting()
+            and all(t.dtype in _INTERPRETER_DTYPES for t in tensors)
+        )
+    )
+    if _backend == "torch":
+        return False
+    if _backend == "triton" and not runnable:
+        raise RuntimeError(
+            f"FASTMAE_BACKEND='triton' but the Triton kernels cannot run here: device {device}, "
+            f"dtypes {[str(t.dtype) for t in tensors]}, triton installed: {HAS_TRITON}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} (CPU tensors need the "
+            "interpreter and float32)"
+        )
+    return runnable

@@ -1,0 +1,136 @@
+"""The fused MAE ops as functions: validated inputs, backend dispatch, autograd.
+
+Each op equals the official op sequence (see :mod:`fastmae.reference`) to float32 rounding, has
+a backward, and makes no host synchronisation on the Triton path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmae import _checks
+from fastmae.dispatch import use_triton
+from fastmae.kernels.loss import MaskedPixelLossFunction
+from fastmae.kernels.masking import masking_forward
+from fastmae.kernels.patch_embed import EmbedVisiblePatchesFunction
+from fastmae.kernels.patchify import PatchifyFunction, UnpatchifyFunction
+from fastmae.kernels.unshuffle import UnshuffleFunction
+from fastmae.layers import to_2tuple
+
+__all__ = [
+    "random_masking_indices",
+    "embed_visible_patches",
+    "unshuffle_tokens",
+    "patchify",
+    "unpatchify",
+    "masked_pixel_loss",
+]
+
+
+def random_masking_indices(noise: torch.Tensor, len_keep: int):
+    """noise ``[N, L]`` -> ``(ids_keep [N, K], ids_restore [N, L], mask [N, L])``.
+
+    ``ids_keep`` and ``ids_restore`` are int64; ``mask`` (1 = removed) has the default float
+    dtype. For distinct noise values they equal the official double-argsort results.
+    """
+    _checks.check_floating(noise, "noise")
+    if noise.dim() != 2:
+        raise ValueError(f"noise must be [N, L], got shape {tuple(noise.shape)}")
+    if isinstance(len_keep, bool) or not isinstance(len_keep, int):
+        raise TypeError(f"len_keep must be an int, got {len_keep!r}")
+    if not 0 <= len_keep <= noise.shape[1]:
+        raise ValueError(f"len_keep must be in [0, L={noise.shape[1]}], got {len_keep}")
+    return masking_forward(noise, len_keep, use_triton(noise))
+
+
+def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
+    """Encoder input from the kept patches: ``[N, 1+K, D]``, cls token first.
+
+    imgs ``[N, C, H, W]`` float; ids_keep ``[N, K]`` int64 (row-major patch indices); weight
+    ``[D, C, ph, pw]`` and bias ``[D]`` of the patch-embed conv; cls_token ``[1, 1, D]``;
+    pos_embed ``[1, 1+L, D]``. Equals conv, ``+ pos_embed[:, 1:]``, gather, prepend cls.
+    """
+    _checks.check_images(imgs, None, None)
+    _checks.check_tensor(weight, "weight")
+    if weight.dim() != 4 or weight.shape[1] != imgs.shape[1]:
+        raise ValueError(
+            f"weight must be [D, C={imgs.shape[1]}, ph, pw], got shape {tuple(weight.shape)}"
+        )
+    width, _, ph, pw = weight.shape
+    n, _, height, img_width = imgs.shape
+    _checks.check_divisible(height, img_width, (ph, pw))
+    num_patches = (height // ph) * (img_width // pw)
+    _checks.check_ids(
+        ids_keep, "ids_keep", n, ids_keep.shape[1] if ids_keep.dim() == 2 else -1, imgs.device
+    )
+    _checks.check_shape(bias, "bias", (width,))
+    _checks.check_shape(cls_token, "cls_token", (1, 1, width))
+    _checks.check_shape(pos_embed, "pos_embed", (1, num_patches + 1, width))
+    triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
+    return EmbedVisiblePatchesFunction.apply(
+        imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
+    )
+
+
+def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
+    """Decoder input ``[N, 1+L, D]``: each position's kept token or mask_token, + pos_embed.
+
+    x ``[N, 1+K, D]`` (cls first); ids_restore ``[N, L]`` int64 from the masking; mask_token
+    ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``.
+    """
+    _checks.check_tensor(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [N, 1+K, D], got shape {tuple(x.shape)}")
+    n, _, width = x.shape
+    length = ids_restore.shape[1] if ids_restore.dim() == 2 else -1
+    _checks.check_ids(ids_restore, "ids_restore", n, length, x.device)
+    if x.shape[1] > length + 1:
+        raise ValueError(f"x holds {x.shape[1] - 1} tokens after cls, more than L={length}")
+    _checks.check_shape(mask_token, "mask_token", (1, 1, width))
+    _checks.check_shape(pos_embed, "pos_embed", (1, length + 1, width))
+    triton_path = use_triton(x, mask_token, pos_embed)
+    return UnshuffleFunction.apply(x, ids_restore.long(), mask_token, pos_embed, triton_path)
+
+
+def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
+    """imgs ``[N, C, H, W]`` -> ``[N, h*w, ph*pw*C]``, pixel index ``(i*pw + j)*C + c``."""
+    patch_size = to_2tuple(patch_size, "patch_size")
+    _checks.check_images(imgs, None, None)
+    _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
+    return PatchifyFunction.apply(imgs, patch_size, use_triton(imgs))
+
+
+def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
+    """``[N, h*w, ph*pw*C]`` -> imgs ``[N, C, h*ph, w*pw]``; grid_size is ``(h, w)`` or an int."""
+    ph, pw = to_2tuple(patch_size, "patch_size")
+    h, w = to_2tuple(grid_size, "grid_size")
+    _checks.check_floating(x, "x")
+    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] % (ph * pw):
+        raise ValueError(
+            f"x must be [N, {h * w}, {ph}*{pw}*C] for a {h}x{w} grid of {ph}x{pw} patches, "
+            f"got shape {tuple(x.shape)}"
+        )
+    image_shape = (x.shape[0], x.shape[2] // (ph * pw), h * ph, w * pw)
+    return UnpatchifyFunction.apply(x, (ph, pw), image_shape, use_triton(x))
+
+
+def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
+    """MAE loss: per-patch MSE against the (normalised) target pixels, mean over removed patches.
+
+    imgs ``[N, C, H, W]``; pred ``[N, L, ph*pw*C]`` fp32/bf16/fp16; mask ``[N, L]`` (1 = removed,
+    any weights allowed). Returns a 0-dim tensor; 0 when no patch is removed.
+    """
+    patch_size = to_2tuple(patch_size, "patch_size")
+    _checks.check_images(imgs, None, None)
+    n, c, height, width = imgs.shape
+    _checks.check_divisible(height, width, patch_size)
+    length = (height // patch_size[0]) * (width // patch_size[1])
+    _checks.check_floating(pred, "pred")
+    _checks.check_shape(pred, "pred", (n, length, patch_size[0] * patch_size[1] * c))
+    _checks.check_shape(mask, "mask", (n, length))
+    for name, tensor in (("pred", pred), ("mask", mask)):
+        if tensor.device != imgs.device:
+            raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")
+    return MaskedPixelLossFunction.apply(
+        imgs, pred, mask, patch_size, bool(norm_pix_loss), use_triton(imgs, pred, mask)
+    )

@@ -1,0 +1,140 @@
+"""Vision Transformer building blocks shared by the reference MAE and the fused drop-in.
+
+Parameter names follow timm (``patch_embed.proj``, ``blocks.i.attn.qkv``, ``mlp.fc1``...) so that
+state_dicts are interchangeable with facebookresearch/mae. Sub-modules are created in timm's
+order, so that the same seed consumes the random stream the same way as the official model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_2tuple(value, name: str) -> tuple[int, int]:
+    """An int or an ``(H, W)`` pair as a pair of positive ints; a TypeError/ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must hold positive ints, got {value!r}")
+    return pair
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a stride-``p`` convolution, flattened to ``[N, L, D]``.
+
+    Accepts an int or ``(H, W)`` for ``img_size`` and ``patch_size``; every side must divide.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size = to_2tuple(img_size, "img_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        for side, (size, patch) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
+            if size % patch:
+                raise ValueError(
+                    f"image {side} {size} is not divisible by the patch {side} {patch} "
+                    f"(img_size={self.img_size}, patch_size={self.patch_size})"
+                )
+        self.grid_size = (
+            self.img_size[0] // self.patch_size[0],
+            self.img_size[1] // self.patch_size[1],
+        )
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size
+        )
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs ``[N, C, H, W]`` -> tokens ``[N, L, D]`` in row-major patch order."""
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (qkv bias on), as timm's."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[N, T, D]`` -> ``[N, T, D]``; softmax scale ``head_dim**-0.5``."""
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """``[M]`` positions -> ``[M, embed_dim]`` float64: sines then cosines, omega in float64."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even width, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = np.einsum("m,d->md", positions.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: tuple[int, int], cls_token: bool = False) -> np.ndarray:
+    """Fixed 2-D sin-cos embedding for a ``(rows, cols)`` patch grid, as MAE's util/pos_embed.
+
+    Returns ``[rows*cols (+1), embed_dim]`` float64; the first half of the channels encodes the
+    column index, the second half the row index; the optional cls row is zeros.
+    """
+    if embed_dim % 4:
+        raise ValueError(
+            f"2-D sin-cos position embedding needs a width divisible by 4, got {embed_dim}"
+        )
+    rows, cols = grid_size
+    grid_cols, grid_rows = np.meshgrid(
+        np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32)
+    )
+    emb = np.concatenate(
+        [sincos_1d(embed_dim // 2, grid_cols), sincos_1d(embed_dim // 2, grid_rows)], axis=1
+    )
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb

@@ -1,0 +1,59 @@
+"""Triton import shim, launch counting and the helpers every kernel file shares.
+
+Triton is a Linux-only dependency: without it the kernel modules still import (``@triton.jit``
+becomes a no-op and ``tl.constexpr`` a plain annotation) and only the torch path runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on platforms without triton
+    HAS_TRITON = False
+
+    class _Missing:
+        constexpr = int
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Missing()
+
+_LAUNCHES: Counter = Counter()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's name."""
+    kernel[grid](*args, **kwargs)
+    _LAUNCHES[getattr(kernel, "fn", kernel).__name__] += 1
+
+
+def launch_counts() -> dict[str, int]:
+    """How many times each Triton kernel was launched since the last :func:`reset_launch_counts`."""
+    return dict(_LAUNCHES)
+
+
+def reset_launch_counts() -> None:
+    _LAUNCHES.clear()
+
+
+def block_size(width: int, cap: int = 1024) -> int:
+    """Smallest power of two covering ``width``, at most ``cap``."""
+    return min(triton.next_power_of_2(max(int(width), 1)), cap)
+
+
+def warps_for(block_elements: int) -> int:
+    """Warps for a program touching ``block_elements`` values: about 8 values per thread."""
+    return max(1, min(16, block_elements // 256))

@@ -1,0 +1,277 @@
+"""Masked (normalized-)pixel loss read straight from the images, forward and backward.
+
+    target = patch l of imgs[n], pixel order (i, j, c)           (no patchified copy)
+    target = (target - mean) / sqrt(var + 1e-6)  with norm_pix   (var unbiased, divisor P-1)
+    loss   = sum_{n,l} mask[n,l] * mean_P (pred - target)^2 / sum(mask)
+
+Only patches with a nonzero mask are read; kept patches cost one mask load. Statistics and
+accumulation are fp32 whatever the dtype of ``pred``, so fp16 predictions cannot overflow.
+The per-patch losses land in an ``[N, L]`` buffer summed by torch: deterministic, no atomics,
+and no host synchronisation (an all-kept mask gives 0 through ``where``, not a branch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import block_size, launch, tl, triton, warps_for
+from .patchify import _patch_corner, _patch_offsets, _patch_view
+
+EPS = 1e-6
+
+
+@triton.jit
+def _load_target(
+    imgs_ptr,
+    patch_row,
+    L,
+    C,
+    H,
+    W,
+    grid_w,
+    P,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One patch's pixels in (i, j, c) order as fp32, their offsets in imgs and validity."""
+    corner = _patch_corner(patch_row, imgs_ptr, L, C, H, W, grid_w, PH, PW, False)
+    element = tl.arange(0, BLOCK)
+    valid = element < P
+    offsets = corner + _patch_offsets(element, C, H, W, PH, PW, True)
+    target = tl.load(imgs_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    return target, offsets, valid
+
+
+@triton.jit
+def _masked_loss_fwd_kernel(
+    patch_loss_ptr,  # [N*L] fp32 out: mask * mean squared error of each patch
+    mean_ptr,  # [N*L] fp32 out: target mean (written where mask != 0 and NORM_PIX)
+    rstd_ptr,  # [N*L] fp32 out: 1 / sqrt(var + eps)
+    pred_ptr,  # [N, L, P]
+    imgs_ptr,  # [N, C, H, W]
+    mask_ptr,  # [N, L]
+    L,
+    C,
+    H,
+    W,
+    grid_w,
+    P,
+    eps,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(N*L,)``: one patch per program, all P pixels in one block."""
+    patch_row = tl.program_id(0).to(tl.int64)
+    weight = tl.load(mask_ptr + patch_row).to(tl.float32)
+    if weight != 0:
+        target, _, valid = _load_target(imgs_ptr, patch_row, L, C, H, W, grid_w, P, PH, PW, BLOCK)
+        if NORM_PIX:
+            mean = tl.sum(target, axis=0) / P
+            centered = tl.where(valid, target - mean, 0.0)
+            var = tl.sum(centered * centered, axis=0) / (P - 1)
+            rstd = 1.0 / tl.sqrt(var + eps)
+            target = centered * rstd
+            tl.store(mean_ptr + patch_row, mean)
+            tl.store(rstd_ptr + patch_row, rstd)
+        pred = tl.load(pred_ptr + patch_row * P + tl.arange(0, BLOCK), mask=valid, other=0.0)
+        diff = tl.where(valid, pred.to(tl.float32) - target, 0.0)
+        tl.store(patch_loss_ptr + patch_row, weight * (tl.sum(diff * diff, axis=0) / P))
+    else:
+        tl.store(patch_loss_ptr + patch_row, 0.0)
+
+
+@triton.jit
+def _masked_loss_bwd_kernel(
+    grad_pred_ptr,  # [N, L, P] out: zeros at kept patches
+    grad_imgs_ptr,  # [N, C, H, W] out, zero-initialised (written only when GRAD_IMGS)
+    scale_ptr,  # [1] fp32: 2 * grad_loss / (P * sum(mask)), or 0 for an all-kept mask
+    pred_ptr,  # [N, L, P]
+    imgs_ptr,  # [N, C, H, W]
+    mask_ptr,  # [N, L]
+    mean_ptr,  # [N*L] fp32 from the forward
+    rstd_ptr,  # [N*L] fp32 from the forward
+    L,
+    C,
+    H,
+    W,
+    grid_w,
+    P,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+    GRAD_IMGS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(N*L,)``: d loss / d pred = scale * mask * (pred - target), and optionally the
+    gradient through the target into the image pixels."""
+    patch_row = tl.program_id(0).to(tl.int64)
+    weight = tl.load(mask_ptr + patch_row).to(tl.float32)
+    element = tl.arange(0, BLOCK)
+    pred_row = pred_ptr + patch_row * P + element
+    grad_row = grad_pred_ptr + patch_row * P + element
+    if weight != 0:
+        target, pixel_offsets, valid = _load_target(
+            imgs_ptr, patch_row, L, C, H, W, grid_w, P, PH, PW, BLOCK
+        )
+        if NORM_PIX:
+            rstd = tl.load(rstd_ptr + patch_row)
+            target = tl.where(valid, (target - tl.load(mean_ptr + patch_row)) * rstd, 0.0)
+        pred = tl.load(pred_row, mask=valid, other=0.0).to(tl.float32)
+        grad = tl.load(scale_ptr) * weight * tl.where(valid, pred - target, 0.0)
+        tl.store(grad_row, grad.to(grad_pred_ptr.dtype.element_ty), mask=valid)
+        if GRAD_IMGS:
+            grad_target = -grad
+            if NORM_PIX:
+                # Backward of (x - mean) * rstd with the unbiased variance inside rstd.
+                mean_grad = tl.sum(grad_target, axis=0) / P
+                dot = tl.sum(grad_target * target, axis=0) / (P - 1)
+                grad_target = rstd * (grad_target - mean_grad - target * dot)
+            tl.store(
+                grad_imgs_ptr + pixel_offsets,
+                grad_target.to(grad_imgs_ptr.dtype.element_ty),
+                mask=valid,
+            )
+    else:
+        tl.store(
+            grad_row, tl.zeros([BLOCK], dtype=grad_pred_ptr.dtype.element_ty), mask=element < P
+        )
+
+
+def _mask_denominator(mask: torch.Tensor) -> torch.Tensor:
+    """sum(mask) as fp32, replaced by 1 when it is 0 so that an all-kept mask gives loss 0."""
+    total = mask.sum(dtype=torch.float32)
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _masked_targets(imgs, rows, cols, patch_size, grid_w, norm_pix):
+    """Targets of the patches (rows, cols) as fp32 ``[M, P]``, with their mean and rstd."""
+    view = _patch_view(imgs, patch_size, True)
+    target = view[rows, cols // grid_w, cols % grid_w].reshape(rows.shape[0], -1).float()
+    if not norm_pix:
+        return target, None, None
+    mean = target.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(target.var(-1, keepdim=True) + EPS)
+    return (target - mean) * rstd, mean, rstd
+
+
+class MaskedPixelLossFunction(torch.autograd.Function):
+    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]``, mask ``[N, L]`` -> 0-dim loss.
+
+    The loss dtype is the promotion of pred's and imgs' dtypes, as the official code gives.
+    """
+
+    @staticmethod
+    def forward(ctx, imgs, pred, mask, patch_size, norm_pix, use_triton):
+        imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
+        n, c, height, width = imgs.shape
+        ph, pw = patch_size
+        grid_w, length, pixels = width // pw, pred.shape[1], pred.shape[2]
+        denominator = _mask_denominator(mask)
+        if use_triton:
+            patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
+            mean = torch.empty_like(patch_loss) if norm_pix else patch_loss
+            rstd = torch.empty_like(patch_loss) if norm_pix else patch_loss
+            if patch_loss.numel():
+                block = block_size(pixels, 1 << 16)
+                launch(
+                    _masked_loss_fwd_kernel,
+                    (n * length,),
+                    patch_loss,
+                    mean,
+                    rstd,
+                    pred,
+                    imgs,
+                    mask,
+                    length,
+                    c,
+                    height,
+                    width,
+                    grid_w,
+                    pixels,
+                    EPS,
+                    PH=ph,
+                    PW=pw,
+                    NORM_PIX=norm_pix,
+                    BLOCK=block,
+                    num_warps=warps_for(block),
+                )
+            total = patch_loss.sum()
+            saved = (mean, rstd)
+        else:
+            # The torch path reads the removed patches only: indexing them is free on the CPU.
+            rows, cols = torch.nonzero(mask, as_tuple=True)
+            target, mean, rstd = _masked_targets(imgs, rows, cols, patch_size, grid_w, norm_pix)
+            error = (pred[rows, cols].float() - target).square().mean(-1)
+            total = (error * mask[rows, cols].float()).sum()
+            saved = (rows, cols) if mean is None else (rows, cols, mean, rstd)
+        ctx.save_for_backward(imgs, pred, mask, denominator, *saved)
+        ctx.patch_size, ctx.norm_pix, ctx.use_triton = patch_size, norm_pix, use_triton
+        loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
+        return (total / denominator).to(loss_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        imgs, pred, mask, denominator, *saved = ctx.saved_tensors
+        n, c, height, width = imgs.shape
+        ph, pw = ctx.patch_size
+        grid_w, length, pixels = width // pw, pred.shape[1], pred.shape[2]
+        grad_imgs_needed = ctx.needs_input_grad[0]
+        scale = (2.0 * grad_loss.float() / (pixels * denominator)).reshape(1)
+        if ctx.use_triton:
+            mean, rstd = saved
+            grad_pred = torch.empty_like(pred)
+            grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs
+            if pred.numel():
+                block = block_size(pixels, 1 << 16)
+                launch(
+                    _masked_loss_bwd_kernel,
+                    (n * length,),
+                    grad_pred,
+                    grad_imgs,
+                    scale,
+                    pred,
+                    imgs,
+                    mask,
+                    mean,
+                    rstd,
+                    length,
+                    c,
+                    height,
+                    width,
+                    grid_w,
+                    pixels,
+                    PH=ph,
+                    PW=pw,
+                    NORM_PIX=ctx.norm_pix,
+                    GRAD_IMGS=grad_imgs_needed,
+                    BLOCK=block,
+                    num_warps=warps_for(block),
+                )
+            return (grad_imgs if grad_imgs_needed else None), grad_pred, None, None, None, None
+        rows, cols, *stats = saved
+        target, *_ = _masked_targets(imgs, rows, cols, ctx.patch_size, grid_w, False)
+        if ctx.norm_pix:
+            mean, rstd = stats
+            target = (target - mean) * rstd
+        weight = mask[rows, cols].float()[:, None]
+        grad = scale * weight * (pred[rows, cols].float() - target)
+        grad_pred = torch.zeros_like(pred)
+        grad_pred[rows, cols] = grad.to(pred.dtype)
+        grad_imgs = None
+        if grad_imgs_needed:
+            grad_target = -grad
+            if ctx.norm_pix:
+                grad_target = rstd * (
+                    grad_target
+                    - grad_target.mean(-1, keepdim=True)
+                    - target * (grad_target * target).sum(-1, keepdim=True) / (pixels - 1)
+                )
+            grad_imgs = torch.zeros_like(imgs)
+            view = _patch_view(grad_imgs, ctx.patch_size, True)
+            view[rows, cols // grid_w, cols % grid_w] = grad_target.to(imgs.dtype).view(
+                -1, ph, pw, c
+            )
+        return grad_imgs, grad_pred, None, None, None, None

@@ -1,0 +1,99 @@
+"""Random masking without the double argsort: one pass ranks each patch's noise in its row.
+
+``rank[l]`` = number of patches whose noise sorts before patch ``l`` (ties broken by index, NaN
+last, as a stable ``torch.sort``). The rank is ``ids_restore``; the patches of rank below
+``len_keep`` are kept, and are scattered to ``ids_keep[rank]``. For distinct noise values the
+result equals the official ``argsort(argsort(noise))``.
+
+The op is not differentiable (its outputs are indices and a 0/1 mask), so it has no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import block_size, launch, tl, triton
+
+
+@triton.jit
+def _masking_kernel(
+    ids_keep_ptr,  # [N, K] int64, out: kept patch indices in ascending-noise order
+    ids_restore_ptr,  # [N, L] int64, out: rank of each patch's noise in its row
+    mask_ptr,  # [N, L] float, out: 0 kept, 1 removed
+    noise_ptr,  # [N, L] float
+    L,
+    K,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid ``(N, cdiv(L, BLOCK_Q))``: each program ranks BLOCK_Q patches of one row."""
+    row = tl.program_id(0).to(tl.int64)
+    query = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    query_valid = query < L
+    noise_row = noise_ptr + row * L
+    query_noise = tl.load(noise_row + query, mask=query_valid, other=0.0)
+    query_nan = query_noise != query_noise
+
+    rank = tl.zeros([BLOCK_Q], dtype=tl.int32)
+    for start in range(0, L, BLOCK_K):
+        other = start + tl.arange(0, BLOCK_K)
+        other_valid = other < L
+        other_noise = tl.load(noise_row + other, mask=other_valid, other=0.0)
+        other_nan = other_noise != other_noise
+        q = query_noise[:, None]
+        o = other_noise[None, :]
+        # Total order of a stable sort: numbers ascending, NaN after every number, ties by index.
+        same = (o == q) | (other_nan[None, :] & query_nan[:, None])
+        before = (o < q) | (query_nan[:, None] & ~other_nan[None, :])
+        before = before | (same & (other[None, :] < query[:, None]))
+        before = before & other_valid[None, :]
+        rank += tl.sum(before.to(tl.int32), axis=1)
+
+    tl.store(ids_restore_ptr + row * L + query, rank.to(tl.int64), mask=query_valid)
+    removed = (rank >= K).to(mask_ptr.dtype.element_ty)
+    tl.store(mask_ptr + row * L + query, removed, mask=query_valid)
+    is_kept = query_valid & (rank < K)
+    tl.store(ids_keep_ptr + row * K + rank, query.to(tl.int64), mask=is_kept)
+
+
+def _masking_triton(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
+    n, length = noise.shape
+    ids_keep = torch.empty(n, len_keep, dtype=torch.int64, device=noise.device)
+    ids_restore = torch.empty(n, length, dtype=torch.int64, device=noise.device)
+    mask = torch.empty(n, length, dtype=mask_dtype, device=noise.device)
+    block_q = block_size(length, 64)
+    block_k = block_size(length, 64)
+    grid = (n, triton.cdiv(length, block_q))
+    launch(
+        _masking_kernel,
+        grid,
+        ids_keep,
+        ids_restore,
+        mask,
+        noise,
+        length,
+        len_keep,
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return ids_keep, ids_restore, mask
+
+
+def _masking_torch(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
+    # One sort; the inverse permutation is a scatter, not a second argsort.
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    positions = torch.arange(noise.shape[1], device=noise.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
+    mask = (ids_restore >= len_keep).to(mask_dtype)
+    return ids_shuffle[:, :len_keep].contiguous(), ids_restore, mask
+
+
+def masking_forward(noise: torch.Tensor, len_keep: int, use_triton: bool):
+    """noise ``[N, L]`` float -> ``ids_keep [N, K]`` int64, ``ids_restore [N, L]`` int64,
+    ``mask [N, L]`` in the default float dtype (as the official ``torch.ones``)."""
+    noise = noise.detach().contiguous()
+    mask_dtype = torch.get_default_dtype()
+    if use_triton:
+        return _masking_triton(noise, len_keep, mask_dtype)
+    return _masking_torch(noise, len_keep, mask_dtype)

@@ -1,0 +1,233 @@
+"""Patch gather and scatter between images ``[N, C, H, W]`` and patch rows ``[N, T, P]``.
+
+One kernel pair serves three ops:
+- patchify / unpatchify: every patch, pixel order ``(i, j, c)`` (channel fastest), as MAE's;
+- the encoder input: the kept patches only (``ids``), in the conv weight's ``(c, i, j)`` order,
+  and its backward, which scatters pixel gradients back into a zero image.
+Each pixel belongs to one patch, so the scatter writes every destination at most once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import block_size, launch, tl, triton, warps_for
+
+
+@triton.jit
+def _patch_offsets(
+    element, C, H, W, PH: tl.constexpr, PW: tl.constexpr, CHANNEL_LAST: tl.constexpr
+):
+    """Offsets inside one image ``[C, H, W]`` of the pixels ``element`` of a patch at (0, 0)."""
+    if CHANNEL_LAST:
+        channel = element % C
+        inside = element // C
+    else:
+        channel = element // (PH * PW)
+        inside = element % (PH * PW)
+    return channel * H * W + (inside // PW) * W + inside % PW
+
+
+@triton.jit
+def _patch_corner(
+    token, ids_ptr, T, C, H, W, grid_w, PH: tl.constexpr, PW: tl.constexpr, HAS_IDS: tl.constexpr
+):
+    """Offset (int64) in ``[N, C, H, W]`` of the top-left pixel of row ``token``'s patch."""
+    image = token // T
+    if HAS_IDS:
+        patch = tl.load(ids_ptr + token).to(tl.int64)
+    else:
+        patch = token % T
+    return image * C * H * W + (patch // grid_w) * PH * W + (patch % grid_w) * PW
+
+
+@triton.jit
+def _gather_patches_kernel(
+    patches_ptr,  # [N, T, P] out
+    imgs_ptr,  # [N, C, H, W]
+    ids_ptr,  # [N, T] int64 patch index of each row (read only when HAS_IDS)
+    T,
+    C,
+    H,
+    W,
+    grid_w,
+    P,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(N*T,)``: each program copies one patch's P pixels into its row."""
+    token = tl.program_id(0).to(tl.int64)
+    corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
+    for start in range(0, P, BLOCK):
+        element = start + tl.arange(0, BLOCK)
+        valid = element < P
+        offsets = _patch_offsets(element, C, H, W, PH, PW, CHANNEL_LAST)
+        pixels = tl.load(corner + offsets, mask=valid)
+        tl.store(patches_ptr + token * P + element, pixels, mask=valid)
+
+
+@triton.jit
+def _scatter_patches_kernel(
+    imgs_ptr,  # [N, C, H, W] out; pixels of patches not in ids are left untouched
+    patches_ptr,  # [N, T, P]
+    ids_ptr,  # [N, T] int64 (read only when HAS_IDS)
+    T,
+    C,
+    H,
+    W,
+    grid_w,
+    P,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(N*T,)``: the transpose of :func:`_gather_patches_kernel`."""
+    token = tl.program_id(0).to(tl.int64)
+    corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
+    for start in range(0, P, BLOCK):
+        element = start + tl.arange(0, BLOCK)
+        valid = element < P
+        offsets = _patch_offsets(element, C, H, W, PH, PW, CHANNEL_LAST)
+        pixels = tl.load(patches_ptr + token * P + element, mask=valid)
+        tl.store(corner + offsets, pixels, mask=valid)
+
+
+def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Tensor:
+    """A strided view ``[N, h, w, *patch]`` of imgs, patch as ``(ph, pw, C)`` or ``(C, ph, pw)``."""
+    n, c, height, width = imgs.shape
+    ph, pw = patch_size
+    view = imgs.view(n, c, height // ph, ph, width // pw, pw)
+    return view.permute(0, 2, 4, 3, 5, 1) if channel_last else view.permute(0, 2, 4, 1, 3, 5)
+
+
+def _grid_index(ids: torch.Tensor | None, n: int, grid_w: int, num_patches: int, device):
+    if ids is None:
+        ids = torch.arange(num_patches, device=device).expand(n, num_patches)
+    rows = torch.arange(n, device=device)[:, None]
+    return rows, ids // grid_w, ids % grid_w
+
+
+def gather_patches(
+    imgs: torch.Tensor, ids: torch.Tensor | None, patch_size, channel_last: bool, use_triton: bool
+) -> torch.Tensor:
+    """imgs ``[N, C, H, W]`` -> patches ``[N, T, ph*pw*C]`` of the same dtype.
+
+    ``ids [N, T]`` int64 selects patches (row-major over the patch grid); None takes all L.
+    """
+    imgs = imgs.contiguous()
+    n, c, height, width = imgs.shape
+    ph, pw = patch_size
+    grid_w = width // pw
+    num_patches = (height // ph) * grid_w
+    tokens = num_patches if ids is None else ids.shape[1]
+    pixels = c * ph * pw
+    if not use_triton:
+        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w, num_patches, imgs.device)
+        view = _patch_view(imgs, patch_size, channel_last)
+        return view[rows, grid_rows, grid_cols].reshape(n, tokens, pixels)
+    patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
+    if patches.numel():
+        ids_arg = imgs if ids is None else ids.contiguous()
+        block = block_size(pixels)
+        launch(
+            _gather_patches_kernel,
+            (n * tokens,),
+            patches,
+            imgs,
+            ids_arg,
+            tokens,
+            c,
+            height,
+            width,
+            grid_w,
+            pixels,
+            PH=ph,
+            PW=pw,
+            HAS_IDS=ids is not None,
+            CHANNEL_LAST=channel_last,
+            BLOCK=block,
+            num_warps=warps_for(block),
+        )
+    return patches
+
+
+def scatter_patches(
+    patches: torch.Tensor,
+    ids: torch.Tensor | None,
+    patch_size,
+    image_shape,
+    channel_last: bool,
+    use_triton: bool,
+) -> torch.Tensor:
+    """patches ``[N, T, ph*pw*C]`` -> imgs ``image_shape``; pixels of unlisted patches are 0."""
+    patches = patches.contiguous()
+    n, c, height, width = image_shape
+    ph, pw = patch_size
+    grid_w = width // pw
+    num_patches = (height // ph) * grid_w
+    tokens = patches.shape[1]
+    every_patch = ids is None
+    imgs = patches.new_empty(image_shape) if every_patch else patches.new_zeros(image_shape)
+    if not use_triton:
+        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w, num_patches, patches.device)
+        view = _patch_view(imgs, patch_size, channel_last)
+        view[rows, grid_rows, grid_cols] = patches.reshape(view[rows, grid_rows, grid_cols].shape)
+        return imgs
+    if patches.numel():
+        ids_arg = patches if ids is None else ids.contiguous()
+        block = block_size(c * ph * pw)
+        launch(
+            _scatter_patches_kernel,
+            (n * tokens,),
+            imgs,
+            patches,
+            ids_arg,
+            tokens,
+            c,
+            height,
+            width,
+            grid_w,
+            c * ph * pw,
+            PH=ph,
+            PW=pw,
+            HAS_IDS=not every_patch,
+            CHANNEL_LAST=channel_last,
+            BLOCK=block,
+            num_warps=warps_for(block),
+        )
+    return imgs
+
+
+class PatchifyFunction(torch.autograd.Function):
+    """imgs ``[N, C, H, W]`` -> ``[N, L, ph*pw*C]``; backward is unpatchify."""
+
+    @staticmethod
+    def forward(ctx, imgs, patch_size, use_triton):
+        ctx.patch_size, ctx.image_shape, ctx.use_triton = patch_size, imgs.shape, use_triton
+        return gather_patches(imgs, None, patch_size, True, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_patches):
+        grad = scatter_patches(
+            grad_patches, None, ctx.patch_size, ctx.image_shape, True, ctx.use_triton
+        )
+        return grad, None, None
+
+
+class UnpatchifyFunction(torch.autograd.Function):
+    """``[N, L, ph*pw*C]`` -> imgs ``image_shape``; backward is patchify."""
+
+    @staticmethod
+    def forward(ctx, patches, patch_size, image_shape, use_triton):
+        ctx.patch_size, ctx.use_triton = patch_size, use_triton
+        return scatter_patches(patches, None, patch_size, image_shape, True, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_imgs):
+        grad = gather_patches(grad_imgs, None, ctx.patch_size, True, ctx.use_triton)
+        return grad, None, None, None

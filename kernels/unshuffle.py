@@ -1,0 +1,202 @@
+"""Decoder input in one pass: every position gets its kept token or the mask token, plus pos.
+
+    out[n, 0]   = x[n, 0] + pos[0]                                   (the cls token)
+    out[n, 1+l] = (x[n, 1+r] if r < K else mask_token) + pos[1+l],   r = ids_restore[n, l]
+
+The official code concatenates mask tokens, gathers with a repeated int64 index and adds the
+position embedding in three passes. The backward is the same map read the other way: the
+kept rows' gradients go back to ``x`` (a permutation, so no two writes collide) and the mask
+rows' gradients are summed per program into partial sums, then reduced by a ``.sum`` - no
+atomics, so two runs give bit-identical ``mask_token`` gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import block_size, launch, tl, triton
+
+
+@triton.jit
+def _source_rows(ids_restore_ptr, image, row, row_valid, L, K):
+    """For output rows ``row`` (0..L) of one image: the row of x each reads, and whether it is
+    a mask-token row instead."""
+    is_patch = row_valid & (row > 0)
+    rank = tl.load(ids_restore_ptr + image * L + row - 1, mask=is_patch, other=0)
+    is_masked = is_patch & (rank >= K)
+    source = tl.where(is_patch, rank + 1, 0)
+    return source, is_masked
+
+
+@triton.jit
+def _unshuffle_fwd_kernel(
+    out_ptr,  # [N, 1+L, D] out
+    x_ptr,  # [N, 1+K, D]
+    ids_restore_ptr,  # [N, L] int64
+    mask_token_ptr,  # [D]
+    pos_ptr,  # [1+L, D]
+    L,
+    K,
+    D,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``."""
+    image = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_valid = row < L + 1
+    col_valid = col < D
+    tile = row_valid[:, None] & col_valid[None, :]
+    source, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+
+    x_rows = image * (K + 1) + source
+    tokens = tl.load(
+        x_ptr + x_rows[:, None] * D + col[None, :], mask=tile & ~is_masked[:, None], other=0.0
+    ).to(tl.float32)
+    mask_token = tl.load(mask_token_ptr + col, mask=col_valid, other=0.0).to(tl.float32)
+    values = tl.where(is_masked[:, None], mask_token[None, :], tokens)
+    positions = tl.load(pos_ptr + row[:, None] * D + col[None, :], mask=tile, other=0.0)
+    values = values + positions.to(tl.float32)
+    out_rows = image * (L + 1) + row
+    tl.store(
+        out_ptr + out_rows[:, None] * D + col[None, :],
+        values.to(out_ptr.dtype.element_ty),
+        mask=tile,
+    )
+
+
+@triton.jit
+def _unshuffle_bwd_kernel(
+    grad_x_ptr,  # [N, 1+K, D] out
+    mask_token_partial_ptr,  # [N, cdiv(1+L, BLOCK_T), D] fp32 out: per-program sums
+    grad_out_ptr,  # [N, 1+L, D]
+    ids_restore_ptr,  # [N, L] int64
+    L,
+    K,
+    D,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``, the same tiles as the forward."""
+    image = tl.program_id(0).to(tl.int64)
+    row_block = tl.program_id(1)
+    row = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_valid = row < L + 1
+    col_valid = col < D
+    tile = row_valid[:, None] & col_valid[None, :]
+    source, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+
+    out_rows = image * (L + 1) + row
+    grad = tl.load(grad_out_ptr + out_rows[:, None] * D + col[None, :], mask=tile, other=0.0)
+    x_rows = image * (K + 1) + source
+    tl.store(
+        grad_x_ptr + x_rows[:, None] * D + col[None, :],
+        grad.to(grad_x_ptr.dtype.element_ty),
+        mask=tile & ~is_masked[:, None],
+    )
+    masked_sum = tl.sum(tl.where(is_masked[:, None], grad.to(tl.float32), 0.0), axis=0)
+    partial_row = image * tl.num_programs(1) + row_block
+    tl.store(mask_token_partial_ptr + partial_row * D + col, masked_sum, mask=col_valid)
+
+
+_BLOCK_T = 16
+
+
+def _tiles(n, length, width):
+    block_d = block_size(width, 128)
+    return block_d, (n, triton.cdiv(length + 1, _BLOCK_T), triton.cdiv(width, block_d))
+
+
+class UnshuffleFunction(torch.autograd.Function):
+    """x ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> ``[N, 1+L, D]`` decoder input.
+
+    mask_token ``[1, 1, D]``, pos_embed ``[1, 1+L, D]``. The output dtype is the promotion of
+    the three inputs' dtypes, as the official ``cat`` and ``+`` give.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_token, pos_embed, use_triton):
+        n, keep_plus_one, width = x.shape
+        length = ids_restore.shape[1]
+        keep = keep_plus_one - 1
+        out_dtype = torch.promote_types(
+            x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype)
+        )
+        ids_restore = ids_restore.contiguous()
+        token = mask_token.reshape(width)
+        pos = pos_embed.reshape(length + 1, width)
+        if use_triton:
+            out = torch.empty(n, length + 1, width, dtype=out_dtype, device=x.device)
+            block_d, grid = _tiles(n, length, width)
+            launch(
+                _unshuffle_fwd_kernel,
+                grid,
+                out,
+                x.contiguous(),
+                ids_restore,
+                token.contiguous(),
+                pos.contiguous(),
+                length,
+                keep,
+                width,
+                BLOCK_T=_BLOCK_T,
+                BLOCK_D=block_d,
+                num_warps=4,
+            )
+        else:
+            source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
+            is_masked = (source > keep)[..., None]
+            rows = torch.arange(n, device=x.device)[:, None]
+            tokens = x[rows, source.clamp(max=keep)]
+            out = torch.where(is_masked, token.to(out_dtype), tokens.to(out_dtype)) + pos
+        ctx.save_for_backward(ids_restore)
+        ctx.keep, ctx.x_dtype, ctx.use_triton = keep, x.dtype, use_triton
+        ctx.mask_token_dtype, ctx.pos_dtype = mask_token.dtype, pos_embed.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        n, length_plus_one, width = grad_out.shape
+        length, keep = length_plus_one - 1, ctx.keep
+        grad_out = grad_out.contiguous()
+        if ctx.use_triton:
+            grad_x = grad_out.new_empty(n, keep + 1, width, dtype=ctx.x_dtype)
+            block_d, grid = _tiles(n, length, width)
+            partial = grad_out.new_empty(n, grid[1], width, dtype=torch.float32)
+            launch(
+                _unshuffle_bwd_kernel,
+                grid,
+                grad_x,
+                partial,
+                grad_out,
+                ids_restore,
+                length,
+                keep,
+                width,
+                BLOCK_T=_BLOCK_T,
+                BLOCK_D=block_d,
+                num_warps=4,
+            )
+            grad_mask_token = partial.sum((0, 1))
+        else:
+            # Inverse permutation by a scatter: the original position of each rank.
+            positions = torch.arange(length, device=grad_out.device).expand(n, length)
+            ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+            grad_x = torch.cat(
+                [
+                    grad_out[:, :1],
+                    grad_out[:, 1:].gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, width)),
+                ],
+                dim=1,
+            ).to(ctx.x_dtype)
+            is_masked = (ids_restore >= keep)[..., None]
+            grad_mask_token = torch.where(is_masked, grad_out[:, 1:].float(), 0.0).sum((0, 1))
+        grad_mask_token = (
+            grad_mask_token.view(1, 1, width).to(ctx.mask_token_dtype) if needs[2] else None
+        )
+        grad_pos = grad_out.sum(0, keepdim=True).to(ctx.pos_dtype) if needs[3] else None
+        return grad_x, None, grad_mask_token, grad_pos, None

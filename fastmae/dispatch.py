@@ -2,8 +2,8 @@
 
 Backends:
 - ``"auto"`` (default): the Triton kernels for CUDA tensors, and for CPU tensors when Triton's
-  interpreter is on (``TRITON_INTERPRET=1``, set before triton is imported; fp32 only, so
-  other dtypes take the torch path there); the torch path otherwise.
+  interpreter is on (``TRITON_INTERPRET=1``, set before triton is imported; numpy has no
+  bfloat16, so bf16 tensors take the torch path there); the torch path otherwise.
 - ``"triton"``: always the Triton kernels; an error where they cannot run.
 - ``"torch"``: always the vectorised torch version of the same fused algorithm.
 
@@ -21,7 +21,6 @@ import torch
 from fastmae.kernels import HAS_TRITON, interpreting
 
 BACKENDS = ("auto", "triton", "torch")
-_INTERPRETER_DTYPES = (torch.float32, torch.int64, torch.int32)
 
 
 def _validated(name) -> str:
@@ -62,7 +61,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         or (
             device.type == "cpu"
             and interpreting()
-            and all(t.dtype in _INTERPRETER_DTYPES for t in tensors)
+            and all(t.dtype != torch.bfloat16 for t in tensors)
         )
     )
     if _backend == "torch":
@@ -72,6 +71,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             f"FASTMAE_BACKEND='triton' but the Triton kernels cannot run here: device {device}, "
             f"dtypes {[str(t.dtype) for t in tensors]}, triton installed: {HAS_TRITON}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} (CPU tensors need the "
-            "interpreter and float32)"
+            "interpreter and a dtype other than bfloat16)"
         )
     return runnable

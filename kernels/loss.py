@@ -149,9 +149,11 @@ def _mask_denominator(mask: torch.Tensor) -> torch.Tensor:
 def _masked_targets(imgs, rows, cols, patch_size, grid_w, norm_pix):
     """Targets of the patches (rows, cols) as fp32 ``[M, P]``, with their mean and rstd."""
     view = _patch_view(imgs, patch_size, True)
-    target = view[rows, cols // grid_w, cols % grid_w].reshape(rows.shape[0], -1).float()
+    target = view[rows, cols // grid_w, cols % grid_w].flatten(1).float()
     if not norm_pix:
         return target, None, None
+    if target.shape[0] == 0:  # nothing removed: no statistics (and no empty-variance warning)
+        return target, target[:, :1], target[:, :1]
     mean = target.mean(-1, keepdim=True)
     rstd = torch.rsqrt(target.var(-1, keepdim=True) + EPS)
     return (target - mean) * rstd, mean, rstd

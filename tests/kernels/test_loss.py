@@ -1,0 +1,69 @@
+"""Fused masked pixel loss against the official loss, forward and backward."""
+
+import pytest
+import torch
+
+from fastmae import functional, reference
+from tests.helpers import rel_err
+
+CASES = [
+    (2, 3, (8, 8), (4, 4)),
+    (3, 1, (6, 10), (2, 2)),
+    (5, 4, (12, 8), (4, 2)),
+    (7, 3, (20, 20), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("imgs_grad", [False, True], ids=["", "imgs-grad"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("n,c,size,patch", CASES, ids=lambda v: str(v))
+def test_loss_matches_official(backend, n, c, size, patch, ratio, norm_pix, imgs_grad):
+    length = (size[0] // patch[0]) * (size[1] // patch[1])
+    keep = int(length * (1 - ratio))
+    _, _, mask = functional.random_masking_indices(torch.rand(n, length), keep)
+    imgs = torch.randn(n, c, *size, requires_grad=imgs_grad)
+    pred = torch.randn(n, length, patch[0] * patch[1] * c, requires_grad=True)
+    ref_imgs = imgs.detach().clone().requires_grad_(imgs_grad)
+    ref_pred = pred.detach().clone().requires_grad_()
+    loss = functional.masked_pixel_loss(imgs, pred, mask, patch, norm_pix)
+    ref = reference.masked_pixel_loss(ref_imgs, ref_pred, mask, patch, norm_pix)
+    assert loss.shape == () and rel_err(loss, ref) <= 1e-6
+    (loss * 3.0).backward()
+    (ref * 3.0).backward()
+    assert rel_err(pred.grad, ref_pred.grad) <= 1e-6
+    assert torch.all(pred.grad[mask == 0] == 0)
+    if imgs_grad:
+        assert rel_err(imgs.grad, ref_imgs.grad) <= 1e-5
+
+
+def test_weighted_mask(backend):
+    imgs, pred = torch.randn(3, 2, 4, 6), torch.randn(3, 6, 8, requires_grad=True)
+    mask = torch.rand(3, 6) * (torch.rand(3, 6) < 0.7)
+    ref_pred = pred.detach().clone().requires_grad_()
+    loss = functional.masked_pixel_loss(imgs, pred, mask, 2, True)
+    ref = reference.masked_pixel_loss(imgs, ref_pred, mask, 2, True)
+    assert rel_err(loss, ref) <= 1e-6
+    loss.backward()
+    ref.backward()
+    assert rel_err(pred.grad, ref_pred.grad) <= 1e-6
+
+
+def test_all_kept_mask_gives_zero_not_nan(backend):
+    imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48, requires_grad=True)
+    loss = functional.masked_pixel_loss(imgs, pred, torch.zeros(2, 4), 4, True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_pred_has_fp32_statistics(dtype):
+    # 300^2 overflows fp16; the loss must still be the fp32 value.
+    imgs = torch.randn(2, 3, 8, 8)
+    pred = (torch.randn(2, 4, 48) * 300).to(dtype).requires_grad_()
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    loss = functional.masked_pixel_loss(imgs, pred, mask, 4, True)
+    ref = reference.masked_pixel_loss(imgs, pred.detach().float(), mask, 4, True)
+    assert torch.isfinite(loss) and rel_err(loss, ref) <= 1e-6
+    loss.backward()
+    assert pred.grad.dtype == dtype and torch.isfinite(pred.grad).all()

@@ -1,0 +1,125 @@
+"""The fused drop-in against the reference: same weights and noise, same loss, pred, mask and
+parameter gradients (relative error <= 1e-5), on both fused-op backends."""
+
+import pytest
+import torch
+
+import fastmae
+from fastmae import reference
+from fastmae.kernels import launch_counts
+from tests.helpers import TINY, rel_err
+
+CONFIGS = {
+    "rgb-square": dict(img_size=8, patch_size=2, in_chans=3),
+    "gray-nonsquare": dict(img_size=(6, 10), patch_size=2, in_chans=1),
+    "4ch-rect-patch": dict(img_size=(8, 12), patch_size=(4, 2), in_chans=4),
+}
+FUSED_KERNELS = {
+    "_masking_kernel",
+    "_gather_patches_kernel",
+    "_add_positions_kernel",
+    "_unshuffle_fwd_kernel",
+    "_unshuffle_bwd_kernel",
+    "_masked_loss_fwd_kernel",
+    "_masked_loss_bwd_kernel",
+}
+
+
+def twin_models(norm_pix=False, **config):
+    ref = reference.MaskedAutoencoderViT(**config, **TINY, norm_pix_loss=norm_pix)
+    fused = fastmae.MaskedAutoencoderViT(**config, **TINY, norm_pix_loss=norm_pix)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run(model, imgs, ratio, seed):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss, pred, mask = model(imgs, mask_ratio=ratio)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, pred, mask, grads
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_drop_in_matches_reference(backend, config, ratio, norm_pix, fresh_seed):
+    ref, fused = twin_models(norm_pix, **CONFIGS[config])
+    size = ref.patch_embed.img_size
+    imgs = torch.randn(3, ref.patch_embed.in_chans, *size)
+    ref_out = run(ref, imgs, ratio, fresh_seed)
+    fused_out = run(fused, imgs, ratio, fresh_seed)
+    assert torch.equal(ref_out[2], fused_out[2])
+    assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
+    assert rel_err(fused_out[1], ref_out[1]) <= 1e-5
+    assert ref_out[3].keys() == fused_out[3].keys()
+    assert "mask_token" in fused_out[3] and "cls_token" in fused_out[3]
+    for name, grad in ref_out[3].items():
+        assert rel_err(fused_out[3][name], grad) <= 1e-5, name
+    if backend == "triton":
+        assert FUSED_KERNELS <= set(launch_counts())
+    else:
+        assert launch_counts() == {}
+
+
+def test_truncated_len_keep_matches_reference(backend, fresh_seed):
+    ref, fused = twin_models(**dict(img_size=20, patch_size=2, in_chans=1))
+    imgs = torch.randn(2, 1, 20, 20)
+    ref_out, fused_out = run(ref, imgs, 0.8, fresh_seed), run(fused, imgs, 0.8, fresh_seed)
+    assert torch.equal(ref_out[2], fused_out[2]) and fused_out[2].sum().item() == 2 * 81
+    assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
+    for name, grad in ref_out[3].items():
+        assert rel_err(fused_out[3][name], grad) <= 1e-5, name
+
+
+def test_gradients_are_bit_identical_between_runs(backend, fresh_seed):
+    _, fused = twin_models(norm_pix=True, **CONFIGS["rgb-square"])
+    imgs = torch.randn(5, 3, 8, 8)
+    first = run(fused, imgs, 0.75, fresh_seed)
+    second = run(fused, imgs, 0.75, fresh_seed)
+    assert torch.equal(first[0], second[0])
+    for name, grad in first[3].items():
+        assert torch.equal(grad, second[3][name]), name
+
+
+def test_mask_ratio_zero_gives_zero_loss_and_finite_grads(backend):
+    _, fused = twin_models(**CONFIGS["rgb-square"])
+    latent, mask, _ = fused.forward_encoder(torch.randn(2, 3, 8, 8), 0.0)
+    assert latent.shape == (2, 17, TINY["embed_dim"]) and torch.all(mask == 0)
+    loss, _, _ = fused(torch.randn(2, 3, 8, 8), mask_ratio=0.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None)
+
+
+def test_explicit_noise_matches_reference(backend):
+    ref, fused = twin_models(**CONFIGS["gray-nonsquare"])
+    imgs, noise = torch.randn(2, 1, 6, 10), torch.rand(2, 15)
+    ref_loss, ref_pred, ref_mask = ref(imgs, 0.6, noise=noise)
+    loss, pred, mask = fused(imgs, 0.6, noise=noise)
+    assert torch.equal(mask, ref_mask)
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(pred, ref_pred) <= 1e-5
+
+
+def test_official_method_names_match_reference(backend, fresh_seed):
+    ref, fused = twin_models(**CONFIGS["4ch-rect-patch"])
+    imgs = torch.randn(2, 4, 8, 12)
+    assert torch.equal(fused.patchify(imgs), ref.patchify(imgs))
+    patches = torch.randn(2, 12, 32)
+    assert torch.equal(fused.unpatchify(patches), ref.unpatchify(patches))
+    tokens = torch.randn(2, 12, 5)
+    torch.manual_seed(fresh_seed)
+    expected = ref.random_masking(tokens, 0.75)
+    torch.manual_seed(fresh_seed)
+    got = fused.random_masking(tokens, 0.75)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_loads_both_ways():
+    ref, fused = twin_models(**CONFIGS["rgb-square"])
+    other = reference.MaskedAutoencoderViT(**CONFIGS["rgb-square"], **TINY)
+    assert not other.load_state_dict(fused.state_dict(), strict=True).missing_keys
+    for a, b in zip(other.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)

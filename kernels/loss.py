@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import block_size, launch, tl, triton, warps_for
-from .patchify import _patch_corner, _patch_offsets, _patch_view
+from .patchify import _patch_corner, _patch_offsets, gather_patches, scatter_patches
 
 EPS = 1e-6
 
@@ -146,17 +146,44 @@ def _mask_denominator(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _masked_targets(imgs, rows, cols, patch_size, grid_w, norm_pix):
-    """Targets of the patches (rows, cols) as fp32 ``[M, P]``, with their mean and rstd."""
-    view = _patch_view(imgs, patch_size, True)
-    target = view[rows, cols // grid_w, cols % grid_w].flatten(1).float()
-    if not norm_pix:
-        return target, None, None
-    if target.shape[0] == 0:  # nothing removed: no statistics (and no empty-variance warning)
-        return target, target[:, :1], target[:, :1]
-    mean = target.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(target.var(-1, keepdim=True) + EPS)
-    return (target - mean) * rstd, mean, rstd
+def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, keep_target):
+    """The fused algorithm in torch, on the removed patches only (row selection is free on the
+    CPU). Returns the weighted error sum and what the backward needs."""
+    pixels = pred.shape[-1]
+    removed = torch.nonzero(mask.reshape(-1)).squeeze(1)  # flat over N*L
+    patches = gather_patches(imgs, None, patch_size, True, False).reshape(-1, pixels)
+    target = patches.index_select(0, removed).float()
+    rstd = None
+    if norm_pix and removed.numel():  # (an empty variance would only warn)
+        var, mean = torch.var_mean(target, dim=-1, keepdim=True)
+        rstd = torch.rsqrt(var + EPS)
+        target = (target - mean) * rstd
+    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
+    weight = mask.reshape(-1).index_select(0, removed).float()
+    total = (diff.square().mean(-1) * weight).sum()
+    saved = (removed, weight, diff) + ((target, rstd) if keep_target and norm_pix else ())
+    return total, saved
+
+
+def _loss_backward_torch(scale, imgs, pred, patch_size, norm_pix, grad_imgs_needed, saved):
+    removed, weight, diff, *normalized = saved
+    pixels = pred.shape[-1]
+    grad = (scale * weight)[:, None] * diff
+    grad_pred = torch.zeros_like(pred)
+    grad_pred.view(-1, pixels).index_copy_(0, removed, grad.to(pred.dtype))
+    if not grad_imgs_needed:
+        return None, grad_pred
+    grad_target = -grad
+    if norm_pix and removed.numel():
+        target, rstd = normalized
+        grad_target = rstd * (
+            grad_target
+            - grad_target.mean(-1, keepdim=True)
+            - target * (grad_target * target).sum(-1, keepdim=True) / (pixels - 1)
+        )
+    grad_patches = torch.zeros(pred.shape, dtype=imgs.dtype, device=imgs.device)
+    grad_patches.view(-1, pixels).index_copy_(0, removed, grad_target.to(imgs.dtype))
+    return scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False), grad_pred
 
 
 class MaskedPixelLossFunction(torch.autograd.Function):
@@ -203,12 +230,9 @@ class MaskedPixelLossFunction(torch.autograd.Function):
             total = patch_loss.sum()
             saved = (mean, rstd)
         else:
-            # The torch path reads the removed patches only: indexing them is free on the CPU.
-            rows, cols = torch.nonzero(mask, as_tuple=True)
-            target, mean, rstd = _masked_targets(imgs, rows, cols, patch_size, grid_w, norm_pix)
-            error = (pred[rows, cols].float() - target).square().mean(-1)
-            total = (error * mask[rows, cols].float()).sum()
-            saved = (rows, cols) if mean is None else (rows, cols, mean, rstd)
+            total, saved = _loss_forward_torch(
+                imgs, pred, mask, patch_size, norm_pix, ctx.needs_input_grad[0]
+            )
         ctx.save_for_backward(imgs, pred, mask, denominator, *saved)
         ctx.patch_size, ctx.norm_pix, ctx.use_triton = patch_size, norm_pix, use_triton
         loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
@@ -253,27 +277,7 @@ class MaskedPixelLossFunction(torch.autograd.Function):
                     num_warps=warps_for(block),
                 )
             return (grad_imgs if grad_imgs_needed else None), grad_pred, None, None, None, None
-        rows, cols, *stats = saved
-        target, *_ = _masked_targets(imgs, rows, cols, ctx.patch_size, grid_w, False)
-        if ctx.norm_pix:
-            mean, rstd = stats
-            target = (target - mean) * rstd
-        weight = mask[rows, cols].float()[:, None]
-        grad = scale * weight * (pred[rows, cols].float() - target)
-        grad_pred = torch.zeros_like(pred)
-        grad_pred[rows, cols] = grad.to(pred.dtype)
-        grad_imgs = None
-        if grad_imgs_needed:
-            grad_target = -grad
-            if ctx.norm_pix:
-                grad_target = rstd * (
-                    grad_target
-                    - grad_target.mean(-1, keepdim=True)
-                    - target * (grad_target * target).sum(-1, keepdim=True) / (pixels - 1)
-                )
-            grad_imgs = torch.zeros_like(imgs)
-            view = _patch_view(grad_imgs, ctx.patch_size, True)
-            view[rows, cols // grid_w, cols % grid_w] = grad_target.to(imgs.dtype).view(
-                -1, ph, pw, c
-            )
+        grad_imgs, grad_pred = _loss_backward_torch(
+            scale, imgs, pred, ctx.patch_size, ctx.norm_pix, grad_imgs_needed, saved
+        )
         return grad_imgs, grad_pred, None, None, None, None

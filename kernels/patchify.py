@@ -105,10 +105,9 @@ def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Ten
     return view.permute(0, 2, 4, 3, 5, 1) if channel_last else view.permute(0, 2, 4, 1, 3, 5)
 
 
-def _grid_index(ids: torch.Tensor | None, n: int, grid_w: int, num_patches: int, device):
-    if ids is None:
-        ids = torch.arange(num_patches, device=device).expand(n, num_patches)
-    rows = torch.arange(n, device=device)[:, None]
+def _grid_index(ids: torch.Tensor, n: int, grid_w: int):
+    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]``."""
+    rows = torch.arange(n, device=ids.device)[:, None]
     return rows, ids // grid_w, ids % grid_w
 
 
@@ -127,8 +126,10 @@ def gather_patches(
     tokens = num_patches if ids is None else ids.shape[1]
     pixels = c * ph * pw
     if not use_triton:
-        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w, num_patches, imgs.device)
         view = _patch_view(imgs, patch_size, channel_last)
+        if ids is None:
+            return view.reshape(n, tokens, pixels)
+        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w)
         return view[rows, grid_rows, grid_cols].reshape(n, tokens, pixels)
     patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
     if patches.numel():
@@ -169,14 +170,16 @@ def scatter_patches(
     n, c, height, width = image_shape
     ph, pw = patch_size
     grid_w = width // pw
-    num_patches = (height // ph) * grid_w
     tokens = patches.shape[1]
     every_patch = ids is None
     imgs = patches.new_empty(image_shape) if every_patch else patches.new_zeros(image_shape)
     if not use_triton:
-        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w, num_patches, patches.device)
         view = _patch_view(imgs, patch_size, channel_last)
-        view[rows, grid_rows, grid_cols] = patches.reshape(view[rows, grid_rows, grid_cols].shape)
+        if every_patch:
+            view.copy_(patches.view(view.shape))
+        else:
+            rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w)
+            view[rows, grid_rows, grid_cols] = patches.view(n, tokens, *view.shape[3:])
         return imgs
     if patches.numel():
         ids_arg = patches if ids is None else ids.contiguous()

@@ -12,7 +12,9 @@ import torch  # noqa: E402
 import fastmae  # noqa: E402
 from fastmae.kernels import HAS_TRITON, reset_launch_counts  # noqa: E402
 
-BACKENDS = ["triton", "torch"] if HAS_TRITON and os.environ["TRITON_INTERPRET"] == "1" else ["torch"]
+BACKENDS = (
+    ["triton", "torch"] if HAS_TRITON and os.environ["TRITON_INTERPRET"] == "1" else ["torch"]
+)
 
 
 @pytest.fixture(autouse=True)

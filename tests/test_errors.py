@@ -43,7 +43,9 @@ def test_mask_ratio_not_a_number(model):
 
 
 def test_noise_wrong_shape(model):
-    with pytest.raises(ValueError, match=r"noise must have shape \[N, L\] = \[2, 4\], got \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"noise must have shape \[N, L\] = \[2, 4\], got \(2, 5\)"
+    ):
         model(torch.randn(2, 3, 8, 8), noise=torch.rand(2, 5))
 
 
@@ -53,7 +55,9 @@ def test_noise_wrong_device(model):
 
 
 def test_noise_wrong_dtype(model):
-    with pytest.raises(TypeError, match=r"noise must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"noise must be a floating-point tensor, got dtype torch.int64"
+    ):
         model(torch.randn(2, 3, 8, 8), noise=torch.ones(2, 4, dtype=torch.int64))
 
 
@@ -87,7 +91,9 @@ def test_functional_masking_rejects_bad_len_keep():
 def test_functional_unshuffle_rejects_bad_ids():
     x = torch.randn(2, 3, 8)
     token, pos = torch.zeros(1, 1, 8), torch.zeros(1, 7, 8)
-    with pytest.raises(TypeError, match=r"ids_restore must be an int64 or int32 tensor, got torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"ids_restore must be an int64 or int32 tensor, got torch.float32"
+    ):
         functional.unshuffle_tokens(x, torch.zeros(2, 6), token, pos)
     with pytest.raises(ValueError, match=r"pos_embed must have shape \[1, 7, 8\], got \[1, 6, 8\]"):
         functional.unshuffle_tokens(x, torch.zeros(2, 6, dtype=torch.long), token, pos[:, :6])

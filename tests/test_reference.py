@@ -9,7 +9,7 @@ from torch import nn
 
 import fastmae
 from fastmae import reference
-from tests.helpers import TINY, rel_err
+from tests.helpers import TINY
 
 FACTORIES = {
     "base": (reference.mae_vit_base_patch16_dec512d8b, 16, 768, 12),
@@ -158,7 +158,10 @@ def test_patchify_order_and_round_trip():
     for _ in range(20):
         b, gh, gw = (torch.randint(0, k, ()).item() for k in (n, h // p, grid_w))
         i, j, ch = (torch.randint(0, k, ()).item() for k in (p, p, c))
-        assert patches[b, gh * grid_w + gw, (i * p + j) * c + ch] == imgs[b, ch, gh * p + i, gw * p + j]
+        assert (
+            patches[b, gh * grid_w + gw, (i * p + j) * c + ch]
+            == imgs[b, ch, gh * p + i, gw * p + j]
+        )
     assert torch.equal(reference.unpatchify(patches, p, (h // p, grid_w)), imgs)
     model = reference.MaskedAutoencoderViT(img_size=(h, w), patch_size=p, in_chans=c, **TINY)
     assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)

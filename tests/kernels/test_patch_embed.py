@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmae import functional, reference
+from fastmae import functional
 from tests.helpers import rel_err
 
 CASES = [

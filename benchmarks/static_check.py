@@ -39,7 +39,6 @@ def ptr(dtype):
 
 def kernel_specs(width: int):
     """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes."""
-    gather_block = block_size(PIXELS)
     loss_block = block_size(PIXELS, 1 << 16)
     image = dict(C=CHANS, H=IMG, W=IMG, grid_w=IMG // PATCH)
     specs = [
@@ -58,8 +57,10 @@ def kernel_specs(width: int):
             4,
         ),
     ]
+    tiles = patchify.tile_config(CHANS, (PATCH, PATCH))
+    tile_warps = tiles.pop("num_warps")
     for label, has_ids, channel_last, tokens in (
-        ("gather kept (c,i,j)", True, False, KEEP),
+        ("kept patches (c,i,j)", True, False, KEEP),
         ("patchify (i,j,c)", False, True, LENGTH),
     ):
         for kernel, out_in in (
@@ -69,7 +70,7 @@ def kernel_specs(width: int):
             direction = "gather" if "gather" in kernel.fn.__name__ else "scatter"
             specs.append(
                 (
-                    f"{direction}: {label}",
+                    f"{direction} {label}",
                     kernel,
                     {
                         out_in[0]: ptr("fp32"),
@@ -77,16 +78,9 @@ def kernel_specs(width: int):
                         "ids_ptr": ptr("i64"),
                         "T": tokens,
                         **image,
-                        "P": PIXELS,
                     },
-                    dict(
-                        PH=PATCH,
-                        PW=PATCH,
-                        HAS_IDS=has_ids,
-                        CHANNEL_LAST=channel_last,
-                        BLOCK=gather_block,
-                    ),
-                    warps_for(gather_block),
+                    dict(PH=PATCH, PW=PATCH, HAS_IDS=has_ids, CHANNEL_LAST=channel_last, **tiles),
+                    tile_warps,
                 )
             )
     embed_block_d = block_size(width, 128)

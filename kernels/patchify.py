@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import block_size, launch, tl, triton, warps_for
+from ._triton import launch, tl, triton, warps_for
 
 
 @triton.jit
@@ -42,8 +42,36 @@ def _patch_corner(
 
 
 @triton.jit
+def _tile_offsets(
+    first_channel,
+    C,
+    H,
+    W,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    PH_BLOCK: tl.constexpr,
+    PW_BLOCK: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr,
+):
+    """A ``[C_BLOCK, PH_BLOCK, PW_BLOCK]`` tile of one patch: offsets in the image (relative to
+    the patch corner), offsets in the patch row, and validity. The innermost axis runs along
+    image columns, so image-side accesses are contiguous runs of PW pixels (vectorisable)."""
+    channel = first_channel + tl.arange(0, C_BLOCK)[:, None, None]
+    row = tl.arange(0, PH_BLOCK)[None, :, None]
+    col = tl.arange(0, PW_BLOCK)[None, None, :]
+    valid = (channel < C) & (row < PH) & (col < PW)
+    image_offsets = channel * H * W + row * W + col
+    if CHANNEL_LAST:
+        patch_offsets = (row * PW + col) * C + channel
+    else:
+        patch_offsets = (channel * PH + row) * PW + col
+    return image_offsets, patch_offsets, valid
+
+
+@triton.jit
 def _gather_patches_kernel(
-    patches_ptr,  # [N, T, P] out
+    patches_ptr,  # [N, T, C*PH*PW] out
     imgs_ptr,  # [N, C, H, W]
     ids_ptr,  # [N, T] int64 patch index of each row (read only when HAS_IDS)
     T,
@@ -51,50 +79,62 @@ def _gather_patches_kernel(
     H,
     W,
     grid_w,
-    P,
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_IDS: tl.constexpr,
     CHANNEL_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    PH_BLOCK: tl.constexpr,
+    PW_BLOCK: tl.constexpr,
 ):
-    """Grid ``(N*T,)``: each program copies one patch's P pixels into its row."""
+    """Grid ``(N*T,)``: each program copies one patch into its row, C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
     corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
-    for start in range(0, P, BLOCK):
-        element = start + tl.arange(0, BLOCK)
-        valid = element < P
-        offsets = _patch_offsets(element, C, H, W, PH, PW, CHANNEL_LAST)
-        pixels = tl.load(corner + offsets, mask=valid)
-        tl.store(patches_ptr + token * P + element, pixels, mask=valid)
+    row_start = patches_ptr + token * (C * PH * PW)
+    for first_channel in range(0, C, C_BLOCK):
+        image_offsets, patch_offsets, valid = _tile_offsets(
+            first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
+        )
+        pixels = tl.load(corner + image_offsets, mask=valid)
+        tl.store(row_start + patch_offsets, pixels, mask=valid)
 
 
 @triton.jit
 def _scatter_patches_kernel(
     imgs_ptr,  # [N, C, H, W] out; pixels of patches not in ids are left untouched
-    patches_ptr,  # [N, T, P]
+    patches_ptr,  # [N, T, C*PH*PW]
     ids_ptr,  # [N, T] int64 (read only when HAS_IDS)
     T,
     C,
     H,
     W,
     grid_w,
-    P,
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_IDS: tl.constexpr,
     CHANNEL_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    PH_BLOCK: tl.constexpr,
+    PW_BLOCK: tl.constexpr,
 ):
     """Grid ``(N*T,)``: the transpose of :func:`_gather_patches_kernel`."""
     token = tl.program_id(0).to(tl.int64)
     corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
-    for start in range(0, P, BLOCK):
-        element = start + tl.arange(0, BLOCK)
-        valid = element < P
-        offsets = _patch_offsets(element, C, H, W, PH, PW, CHANNEL_LAST)
-        pixels = tl.load(patches_ptr + token * P + element, mask=valid)
-        tl.store(corner + offsets, pixels, mask=valid)
+    row_start = patches_ptr + token * (C * PH * PW)
+    for first_channel in range(0, C, C_BLOCK):
+        image_offsets, patch_offsets, valid = _tile_offsets(
+            first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
+        )
+        pixels = tl.load(row_start + patch_offsets, mask=valid)
+        tl.store(corner + image_offsets, pixels, mask=valid)
+
+
+def tile_config(channels: int, patch_size) -> dict:
+    """Launch parameters of the patch kernels: at most 4096 pixels (8 per thread) per step."""
+    ph_block, pw_block = (triton.next_power_of_2(side) for side in patch_size)
+    c_block = max(1, min(triton.next_power_of_2(channels), 4096 // (ph_block * pw_block)))
+    tile = c_block * ph_block * pw_block
+    return dict(C_BLOCK=c_block, PH_BLOCK=ph_block, PW_BLOCK=pw_block, num_warps=warps_for(tile))
 
 
 def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Tensor:
@@ -134,7 +174,6 @@ def gather_patches(
     patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
     if patches.numel():
         ids_arg = imgs if ids is None else ids.contiguous()
-        block = block_size(pixels)
         launch(
             _gather_patches_kernel,
             (n * tokens,),
@@ -146,13 +185,11 @@ def gather_patches(
             height,
             width,
             grid_w,
-            pixels,
             PH=ph,
             PW=pw,
             HAS_IDS=ids is not None,
             CHANNEL_LAST=channel_last,
-            BLOCK=block,
-            num_warps=warps_for(block),
+            **tile_config(c, patch_size),
         )
     return patches
 
@@ -182,8 +219,7 @@ def scatter_patches(
             view[rows, grid_rows, grid_cols] = patches.view(n, tokens, *view.shape[3:])
         return imgs
     if patches.numel():
-        ids_arg = patches if ids is None else ids.contiguous()
-        block = block_size(c * ph * pw)
+        ids_arg = patches if every_patch else ids.contiguous()
         launch(
             _scatter_patches_kernel,
             (n * tokens,),
@@ -195,13 +231,11 @@ def scatter_patches(
             height,
             width,
             grid_w,
-            c * ph * pw,
             PH=ph,
             PW=pw,
             HAS_IDS=not every_patch,
             CHANNEL_LAST=channel_last,
-            BLOCK=block,
-            num_warps=warps_for(block),
+            **tile_config(c, patch_size),
         )
     return imgs
 

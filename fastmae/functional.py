@@ -10,11 +10,11 @@ import torch
 
 from fastmae import _checks
 from fastmae.dispatch import use_triton
-from fastmae.kernels.loss import MaskedPixelLossFunction
+from fastmae.kernels import loss as _loss
 from fastmae.kernels.masking import masking_forward
-from fastmae.kernels.patch_embed import EmbedVisiblePatchesFunction
-from fastmae.kernels.patchify import PatchifyFunction, UnpatchifyFunction
-from fastmae.kernels.unshuffle import UnshuffleFunction
+from fastmae.kernels.patch_embed import embed_visible_patches as _embed_visible_patches
+from fastmae.kernels.patchify import gather_patches_op, scatter_patches_op
+from fastmae.kernels.unshuffle import unshuffle_op
 from fastmae.layers import to_2tuple
 
 __all__ = [
@@ -67,7 +67,7 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     _checks.check_shape(cls_token, "cls_token", (1, 1, width))
     _checks.check_shape(pos_embed, "pos_embed", (1, num_patches + 1, width))
     triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
-    return EmbedVisiblePatchesFunction.apply(
+    return _embed_visible_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
     )
 
@@ -89,7 +89,13 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
     _checks.check_shape(mask_token, "mask_token", (1, 1, width))
     _checks.check_shape(pos_embed, "pos_embed", (1, length + 1, width))
     triton_path = use_triton(x, mask_token, pos_embed)
-    return UnshuffleFunction.apply(x, ids_restore.long(), mask_token, pos_embed, triton_path)
+    return unshuffle_op(
+        x,
+        ids_restore.long(),
+        mask_token.reshape(width),
+        pos_embed.reshape(length + 1, width),
+        triton_path,
+    )
 
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
@@ -97,7 +103,7 @@ def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
     patch_size = to_2tuple(patch_size, "patch_size")
     _checks.check_images(imgs, None, None)
     _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
-    return PatchifyFunction.apply(imgs, patch_size, use_triton(imgs))
+    return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
 
 
 def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
@@ -111,7 +117,7 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
             f"got shape {tuple(x.shape)}"
         )
     image_shape = (x.shape[0], x.shape[2] // (ph * pw), h * ph, w * pw)
-    return UnpatchifyFunction.apply(x, (ph, pw), image_shape, use_triton(x))
+    return scatter_patches_op(x, None, [ph, pw], list(image_shape), True, use_triton(x))
 
 
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
@@ -131,6 +137,6 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
     for name, tensor in (("pred", pred), ("mask", mask)):
         if tensor.device != imgs.device:
             raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")
-    return MaskedPixelLossFunction.apply(
+    return _loss.masked_pixel_loss(
         imgs, pred, mask, patch_size, bool(norm_pix_loss), use_triton(imgs, pred, mask)
     )

@@ -10,8 +10,6 @@ The per-patch losses land in an ``[N, L]`` buffer summed by torch: deterministic
 and no host synchronisation (an all-kept mask gives 0 through ``where``, not a branch).
 """
 
-from __future__ import annotations
-
 import torch
 
 from ._triton import block_size, launch, tl, triton, warps_for
@@ -146,138 +144,208 @@ def _mask_denominator(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, keep_target):
-    """The fused algorithm in torch, on the removed patches only (row selection is free on the
-    CPU). Returns the weighted error sum and what the backward needs."""
-    pixels = pred.shape[-1]
-    removed = torch.nonzero(mask.reshape(-1)).squeeze(1)  # flat over N*L
+def _removed_targets(imgs, mask, pixels, patch_size):
+    """The removed patches (flat indices over N*L, weights) and their target pixels in fp32.
+    The torch path selects rows with ``nonzero``, which costs nothing on the CPU."""
+    removed = torch.nonzero(mask.reshape(-1)).squeeze(1)
     patches = gather_patches(imgs, None, patch_size, True, False).reshape(-1, pixels)
-    target = patches.index_select(0, removed).float()
-    rstd = None
-    if norm_pix and removed.numel():  # (an empty variance would only warn)
-        var, mean = torch.var_mean(target, dim=-1, keepdim=True)
-        rstd = torch.rsqrt(var + EPS)
-        target = (target - mean) * rstd
-    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
     weight = mask.reshape(-1).index_select(0, removed).float()
-    total = (diff.square().mean(-1) * weight).sum()
-    saved = (removed, weight, diff) + ((target, rstd) if keep_target and norm_pix else ())
-    return total, saved
+    return removed, weight, patches.index_select(0, removed).float()
 
 
-def _loss_backward_torch(scale, imgs, pred, patch_size, norm_pix, grad_imgs_needed, saved):
-    removed, weight, diff, *normalized = saved
-    pixels = pred.shape[-1]
+def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
+    """-> (sum over patches of mask * MSE, fp32 0-dim; target mean and rstd ``[N*L]`` fp32,
+    meaningful at removed patches with norm_pix)."""
+    imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
+    n, c, height, width = imgs.shape
+    ph, pw = patch_size
+    length, pixels = pred.shape[1], pred.shape[2]
+    mean = torch.zeros(n * length, dtype=torch.float32, device=pred.device)
+    rstd = torch.zeros_like(mean)
+    if not use_triton:
+        removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
+        if norm_pix and removed.numel():  # (an empty variance would only warn)
+            var, target_mean = torch.var_mean(target, dim=-1)
+            mean.index_copy_(0, removed, target_mean)
+            rstd.index_copy_(0, removed, torch.rsqrt(var + EPS))
+            target = (target - target_mean[:, None]) * rstd.index_select(0, removed)[:, None]
+        diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
+        return (diff.square().mean(-1) * weight).sum(), mean, rstd
+    patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
+    if patch_loss.numel():
+        block = block_size(pixels, 1 << 16)
+        launch(
+            _masked_loss_fwd_kernel,
+            (n * length,),
+            patch_loss,
+            mean,
+            rstd,
+            pred,
+            imgs,
+            mask,
+            length,
+            c,
+            height,
+            width,
+            width // pw,
+            pixels,
+            EPS,
+            PH=ph,
+            PW=pw,
+            NORM_PIX=norm_pix,
+            BLOCK=block,
+            num_warps=warps_for(block),
+        )
+    return patch_loss.sum(), mean, rstd
+
+
+def _loss_backward(
+    scale, imgs, pred, mask, mean, rstd, patch_size, norm_pix, grad_imgs_needed, use_triton
+):
+    """scale ``[1]`` fp32 = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs or an empty tensor,
+    grad_pred)."""
+    imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
+    n, c, height, width = imgs.shape
+    ph, pw = patch_size
+    length, pixels = pred.shape[1], pred.shape[2]
+    if use_triton:
+        grad_pred = torch.empty_like(pred)
+        grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
+        if pred.numel():
+            block = block_size(pixels, 1 << 16)
+            launch(
+                _masked_loss_bwd_kernel,
+                (n * length,),
+                grad_pred,
+                grad_imgs if grad_imgs_needed else imgs,
+                scale,
+                pred,
+                imgs,
+                mask,
+                mean,
+                rstd,
+                length,
+                c,
+                height,
+                width,
+                width // pw,
+                pixels,
+                PH=ph,
+                PW=pw,
+                NORM_PIX=norm_pix,
+                GRAD_IMGS=grad_imgs_needed,
+                BLOCK=block,
+                num_warps=warps_for(block),
+            )
+        return grad_imgs, grad_pred
+    removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
+    if norm_pix:
+        patch_rstd = rstd.index_select(0, removed)[:, None]
+        target = (target - mean.index_select(0, removed)[:, None]) * patch_rstd
+    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
     grad = (scale * weight)[:, None] * diff
     grad_pred = torch.zeros_like(pred)
     grad_pred.view(-1, pixels).index_copy_(0, removed, grad.to(pred.dtype))
     if not grad_imgs_needed:
-        return None, grad_pred
+        return imgs.new_empty(0), grad_pred
     grad_target = -grad
-    if norm_pix and removed.numel():
-        target, rstd = normalized
-        grad_target = rstd * (
+    if norm_pix:  # backward of (x - mean) * rstd, the unbiased variance inside rstd
+        grad_target = patch_rstd * (
             grad_target
             - grad_target.mean(-1, keepdim=True)
             - target * (grad_target * target).sum(-1, keepdim=True) / (pixels - 1)
         )
     grad_patches = torch.zeros(pred.shape, dtype=imgs.dtype, device=imgs.device)
     grad_patches.view(-1, pixels).index_copy_(0, removed, grad_target.to(imgs.dtype))
-    return scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False), grad_pred
+    grad_imgs = scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False)
+    return grad_imgs, grad_pred
 
 
-class MaskedPixelLossFunction(torch.autograd.Function):
-    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]``, mask ``[N, L]`` -> 0-dim loss.
+@torch.library.custom_op("fastmae::masked_pixel_loss", mutates_args=())
+def masked_pixel_loss_op(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: list[int],
+    norm_pix: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss 0-dim in the promotion of pred's and imgs' dtypes, as the official code gives;
+    target mean and rstd ``[N*L]`` fp32, kept for the backward)."""
+    total, mean, rstd = _loss_forward(imgs, pred, mask, tuple(patch_size), norm_pix, use_triton)
+    loss = (total / _mask_denominator(mask)).to(torch.promote_types(pred.dtype, imgs.dtype))
+    return loss, mean, rstd
 
-    The loss dtype is the promotion of pred's and imgs' dtypes, as the official code gives.
-    """
 
-    @staticmethod
-    def forward(ctx, imgs, pred, mask, patch_size, norm_pix, use_triton):
-        imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
-        n, c, height, width = imgs.shape
-        ph, pw = patch_size
-        grid_w, length, pixels = width // pw, pred.shape[1], pred.shape[2]
-        denominator = _mask_denominator(mask)
-        if use_triton:
-            patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
-            mean = torch.empty_like(patch_loss) if norm_pix else patch_loss
-            rstd = torch.empty_like(patch_loss) if norm_pix else patch_loss
-            if patch_loss.numel():
-                block = block_size(pixels, 1 << 16)
-                launch(
-                    _masked_loss_fwd_kernel,
-                    (n * length,),
-                    patch_loss,
-                    mean,
-                    rstd,
-                    pred,
-                    imgs,
-                    mask,
-                    length,
-                    c,
-                    height,
-                    width,
-                    grid_w,
-                    pixels,
-                    EPS,
-                    PH=ph,
-                    PW=pw,
-                    NORM_PIX=norm_pix,
-                    BLOCK=block,
-                    num_warps=warps_for(block),
-                )
-            total = patch_loss.sum()
-            saved = (mean, rstd)
-        else:
-            total, saved = _loss_forward_torch(
-                imgs, pred, mask, patch_size, norm_pix, ctx.needs_input_grad[0]
-            )
-        ctx.save_for_backward(imgs, pred, mask, denominator, *saved)
-        ctx.patch_size, ctx.norm_pix, ctx.use_triton = patch_size, norm_pix, use_triton
-        loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
-        return (total / denominator).to(loss_dtype)
+@masked_pixel_loss_op.register_fake
+def _(imgs, pred, mask, patch_size, norm_pix, use_triton):
+    stats = pred.new_empty(pred.shape[0] * pred.shape[1], dtype=torch.float32)
+    loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
+    return pred.new_empty((), dtype=loss_dtype), stats, torch.empty_like(stats)
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        imgs, pred, mask, denominator, *saved = ctx.saved_tensors
-        n, c, height, width = imgs.shape
-        ph, pw = ctx.patch_size
-        grid_w, length, pixels = width // pw, pred.shape[1], pred.shape[2]
-        grad_imgs_needed = ctx.needs_input_grad[0]
-        scale = (2.0 * grad_loss.float() / (pixels * denominator)).reshape(1)
-        if ctx.use_triton:
-            mean, rstd = saved
-            grad_pred = torch.empty_like(pred)
-            grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs
-            if pred.numel():
-                block = block_size(pixels, 1 << 16)
-                launch(
-                    _masked_loss_bwd_kernel,
-                    (n * length,),
-                    grad_pred,
-                    grad_imgs,
-                    scale,
-                    pred,
-                    imgs,
-                    mask,
-                    mean,
-                    rstd,
-                    length,
-                    c,
-                    height,
-                    width,
-                    grid_w,
-                    pixels,
-                    PH=ph,
-                    PW=pw,
-                    NORM_PIX=ctx.norm_pix,
-                    GRAD_IMGS=grad_imgs_needed,
-                    BLOCK=block,
-                    num_warps=warps_for(block),
-                )
-            return (grad_imgs if grad_imgs_needed else None), grad_pred, None, None, None, None
-        grad_imgs, grad_pred = _loss_backward_torch(
-            scale, imgs, pred, ctx.patch_size, ctx.norm_pix, grad_imgs_needed, saved
-        )
-        return grad_imgs, grad_pred, None, None, None, None
+
+@torch.library.custom_op("fastmae::masked_pixel_loss_backward", mutates_args=())
+def masked_pixel_loss_backward_op(
+    scale: torch.Tensor,
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    patch_size: list[int],
+    norm_pix: bool,
+    grad_imgs_needed: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _loss_backward(
+        scale,
+        imgs,
+        pred,
+        mask,
+        mean,
+        rstd,
+        tuple(patch_size),
+        norm_pix,
+        grad_imgs_needed,
+        use_triton,
+    )
+
+
+@masked_pixel_loss_backward_op.register_fake
+def _(scale, imgs, pred, mask, mean, rstd, patch_size, norm_pix, grad_imgs_needed, use_triton):
+    grad_imgs = torch.empty_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
+    return grad_imgs, torch.empty_like(pred)
+
+
+def _setup_loss(ctx, inputs, output):
+    imgs, pred, mask, ctx.patch_size, ctx.norm_pix, ctx.use_triton = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(imgs, pred, mask, mean, rstd)
+
+
+def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd):
+    imgs, pred, mask, mean, rstd = ctx.saved_tensors
+    scale = (2.0 * grad_loss.float() / (pred.shape[-1] * _mask_denominator(mask))).reshape(1)
+    grad_imgs_needed = ctx.needs_input_grad[0]
+    grad_imgs, grad_pred = masked_pixel_loss_backward_op(
+        scale,
+        imgs,
+        pred,
+        mask,
+        mean,
+        rstd,
+        ctx.patch_size,
+        ctx.norm_pix,
+        grad_imgs_needed,
+        ctx.use_triton,
+    )
+    return (grad_imgs if grad_imgs_needed else None), grad_pred, None, None, None, None
+
+
+masked_pixel_loss_op.register_autograd(_backward_loss, setup_context=_setup_loss)
+
+
+def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix: bool, use_triton: bool):
+    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]``, mask ``[N, L]`` -> 0-dim loss."""
+    return masked_pixel_loss_op(imgs, pred, mask, list(patch_size), norm_pix, use_triton)[0]

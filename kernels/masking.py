@@ -8,8 +8,6 @@ result equals the official ``argsort(argsort(noise))``.
 The op is not differentiable (its outputs are indices and a 0/1 mask), so it has no backward.
 """
 
-from __future__ import annotations
-
 import torch
 
 from ._triton import block_size, launch, tl, triton
@@ -89,11 +87,29 @@ def _masking_torch(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     return ids_shuffle[:, :len_keep].contiguous(), ids_restore, mask
 
 
-def masking_forward(noise: torch.Tensor, len_keep: int, use_triton: bool):
+@torch.library.custom_op("fastmae::random_masking", mutates_args=())
+def masking_op(
+    noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """noise ``[N, L]`` float -> ``ids_keep [N, K]`` int64, ``ids_restore [N, L]`` int64,
-    ``mask [N, L]`` in the default float dtype (as the official ``torch.ones``)."""
-    noise = noise.detach().contiguous()
-    mask_dtype = torch.get_default_dtype()
+    ``mask [N, L]`` in ``mask_dtype``. Not differentiable."""
+    noise = noise.contiguous()
     if use_triton:
         return _masking_triton(noise, len_keep, mask_dtype)
     return _masking_torch(noise, len_keep, mask_dtype)
+
+
+@masking_op.register_fake
+def _(noise, len_keep, mask_dtype, use_triton):
+    n, length = noise.shape
+    return (
+        noise.new_empty(n, len_keep, dtype=torch.int64),
+        noise.new_empty(n, length, dtype=torch.int64),
+        noise.new_empty(n, length, dtype=mask_dtype),
+    )
+
+
+def masking_forward(noise: torch.Tensor, len_keep: int, use_triton: bool):
+    """noise ``[N, L]`` float -> ``ids_keep [N, K]`` int64, ``ids_restore [N, L]`` int64,
+    ``mask [N, L]`` in the default float dtype (as the official ``torch.ones``)."""
+    return masking_op(noise.detach(), len_keep, torch.get_default_dtype(), use_triton)

@@ -5,15 +5,13 @@
 
 The official code embeds all L patches with a convolution and then throws 75% away; here the
 GEMM runs on K of L patches, fed by the patch gather kernel in the conv weight's (c, i, j) order.
-The backward recomputes that gather rather than keep a copy of the kept pixels alive.
+Each step is an op with its own backward, so autograd and torch.compile see the composition.
 """
-
-from __future__ import annotations
 
 import torch
 
 from ._triton import block_size, launch, tl, triton
-from .patchify import gather_patches, scatter_patches
+from .patchify import gather_patches_op
 
 
 @triton.jit
@@ -56,14 +54,18 @@ def _add_positions_kernel(
     )
 
 
-def _add_positions(tokens, ids_keep, cls_token, pos_embed, out_dtype, use_triton):
+def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
+    """tokens ``[N, K, D]``, ids_keep ``[N, K]``, cls_token ``[D]``, pos_embed ``[1+L, D]`` ->
+    ``[N, 1+K, D]`` in the promotion of the three dtypes."""
     n, keep, width = tokens.shape
+    out_dtype = torch.promote_types(
+        tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
+    )
+    out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
     if not use_triton:
-        out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
         out[:, 0] = cls_token + pos_embed[0]
         out[:, 1:] = tokens + pos_embed[1:][ids_keep]
         return out
-    out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
     block_t, block_d = 16, block_size(width, 128)
     grid = (n, triton.cdiv(keep + 1, block_t), triton.cdiv(width, block_d))
     launch(
@@ -71,9 +73,9 @@ def _add_positions(tokens, ids_keep, cls_token, pos_embed, out_dtype, use_triton
         grid,
         out,
         tokens.contiguous(),
-        ids_keep,
-        cls_token,
-        pos_embed,
+        ids_keep.contiguous(),
+        cls_token.contiguous(),
+        pos_embed.contiguous(),
         keep,
         width,
         BLOCK_T=block_t,
@@ -83,70 +85,72 @@ def _add_positions(tokens, ids_keep, cls_token, pos_embed, out_dtype, use_triton
     return out
 
 
-def _kept_pixels(imgs, ids_keep, patch_size, use_triton):
-    return gather_patches(imgs, ids_keep, patch_size, False, use_triton)
+@torch.library.custom_op("fastmae::add_positions", mutates_args=())
+def add_positions_op(
+    tokens: torch.Tensor,
+    ids_keep: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    use_triton: bool,
+) -> torch.Tensor:
+    """:func:`add_positions` as a differentiable op."""
+    return add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton)
 
 
-class EmbedVisiblePatchesFunction(torch.autograd.Function):
-    """imgs ``[N, C, H, W]``, ids_keep ``[N, K]`` -> encoder input ``[N, 1+K, D]``.
+@add_positions_op.register_fake
+def _(tokens, ids_keep, cls_token, pos_embed, use_triton):
+    n, keep, width = tokens.shape
+    out_dtype = torch.promote_types(
+        tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
+    )
+    return tokens.new_empty(n, keep + 1, width, dtype=out_dtype)
+
+
+def _setup_add_positions(ctx, inputs, output):
+    tokens, ids_keep, cls_token, pos_embed, _ = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.dtypes = (tokens.dtype, cls_token.dtype, pos_embed.dtype)
+    ctx.pos_rows = pos_embed.shape[0]
+
+
+def _backward_add_positions(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    tokens_dtype, cls_dtype, pos_dtype = ctx.dtypes
+    needs = ctx.needs_input_grad
+    grad_tokens = grad_out[:, 1:].to(tokens_dtype) if needs[0] else None
+    grad_cls = grad_out[:, 0].sum(0).to(cls_dtype) if needs[2] else None
+    grad_pos = None
+    if needs[3]:
+        # Rare (the official position embedding is frozen): each image keeps a patch at most
+        # once, so a per-image scatter followed by a sum is exact and deterministic.
+        n, _, width = grad_out.shape
+        per_image = grad_out.new_zeros(n, ctx.pos_rows - 1, width)
+        per_image.scatter_(1, ids_keep[..., None].expand(-1, -1, width), grad_out[:, 1:])
+        grad_pos = torch.cat([grad_out[:, 0].sum(0, keepdim=True), per_image.sum(0)]).to(pos_dtype)
+    return grad_tokens, None, grad_cls, grad_pos, None
+
+
+add_positions_op.register_autograd(_backward_add_positions, setup_context=_setup_add_positions)
+
+
+def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed, use_triton: bool):
+    """imgs ``[N, C, H, W]``, ids_keep ``[N, K]`` int64 -> encoder input ``[N, 1+K, D]``.
 
     weight ``[D, C, ph, pw]`` and bias ``[D]`` are the patch-embed conv's; cls_token
-    ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``. The output dtype is the promotion of the GEMM's
-    (the autocast dtype under autocast) and the embeddings', as in the official code.
+    ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``. The GEMM runs in the autocast dtype under autocast,
+    as the official conv does; the output dtype is the promotion of the GEMM's and the
+    embeddings'. Autograd flows through the gather (into imgs, if it requires grad), the GEMM
+    (weight and bias) and the position add (cls_token, and pos_embed if it is trainable).
     """
-
-    @staticmethod
-    def forward(ctx, imgs, ids_keep, weight, bias, cls_token, pos_embed, use_triton):
-        n, keep = ids_keep.shape
-        width = weight.shape[0]
-        patch_size = tuple(weight.shape[2:])
-        ids_keep = ids_keep.contiguous()
-        pixels = _kept_pixels(imgs, ids_keep, patch_size, use_triton)
-        weight_2d = weight.reshape(width, -1)
-        tokens = torch.addmm(bias, pixels.view(n * keep, -1), weight_2d.t()).view(n, keep, width)
-        out_dtype = torch.promote_types(
-            tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
-        )
-        cls = cls_token.reshape(width).contiguous()
-        pos = pos_embed.reshape(-1, width).contiguous()
-        out = _add_positions(tokens, ids_keep, cls, pos, out_dtype, use_triton)
-        ctx.save_for_backward(imgs, ids_keep, weight)
-        ctx.use_triton = use_triton
-        ctx.pos_shape = pos_embed.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        imgs, ids_keep, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        n, keep = ids_keep.shape
-        width = weight.shape[0]
-        patch_size = tuple(weight.shape[2:])
-        grad_tokens = grad_out[:, 1:].reshape(n * keep, width)
-        grad_imgs = grad_weight = grad_bias = grad_cls = grad_pos = None
-        if needs[2]:
-            pixels = _kept_pixels(imgs, ids_keep, patch_size, ctx.use_triton)
-            grad_weight = grad_tokens.t().mm(pixels.view(n * keep, -1).to(grad_tokens.dtype))
-            grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-        if needs[3]:
-            grad_bias = grad_tokens.sum(0).to(weight.dtype)
-        if needs[4]:
-            grad_cls = grad_out[:, 0].sum(0).view(1, 1, width)
-        if needs[0]:
-            grad_pixels = grad_tokens.mm(weight.reshape(width, -1).to(grad_tokens.dtype))
-            grad_imgs = scatter_patches(
-                grad_pixels.view(n, keep, -1).to(imgs.dtype),
-                ids_keep,
-                patch_size,
-                imgs.shape,
-                False,
-                ctx.use_triton,
-            )
-        if needs[5]:
-            # Rare (the official position embedding is frozen): each image keeps a patch at most
-            # once, so a per-image scatter followed by a sum is exact and deterministic.
-            length = ctx.pos_shape[1] - 1
-            per_image = grad_out.new_zeros(n, length, width)
-            per_image.scatter_(1, ids_keep[..., None].expand(-1, -1, width), grad_out[:, 1:])
-            grad_pos = torch.cat([grad_out[:, :1].sum(0), per_image.sum(0)]).view(ctx.pos_shape)
-        return grad_imgs, None, grad_weight, grad_bias, grad_cls, grad_pos, None
+    n, keep = ids_keep.shape
+    width = weight.shape[0]
+    patch_size = list(weight.shape[2:])
+    pixels = gather_patches_op(imgs, ids_keep, patch_size, False, use_triton)
+    tokens = torch.addmm(bias, pixels.view(n * keep, -1), weight.reshape(width, -1).t())
+    return add_positions_op(
+        tokens.view(n, keep, width),
+        ids_keep,
+        cls_token.reshape(width),
+        pos_embed.reshape(-1, width),
+        use_triton,
+    )

@@ -7,7 +7,7 @@ One kernel pair serves three ops:
 Each pixel belongs to one patch, so the scatter writes every destination at most once.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 
@@ -152,7 +152,11 @@ def _grid_index(ids: torch.Tensor, n: int, grid_w: int):
 
 
 def gather_patches(
-    imgs: torch.Tensor, ids: torch.Tensor | None, patch_size, channel_last: bool, use_triton: bool
+    imgs: torch.Tensor,
+    ids: Optional[torch.Tensor],
+    patch_size,
+    channel_last: bool,
+    use_triton: bool,
 ) -> torch.Tensor:
     """imgs ``[N, C, H, W]`` -> patches ``[N, T, ph*pw*C]`` of the same dtype.
 
@@ -167,8 +171,8 @@ def gather_patches(
     pixels = c * ph * pw
     if not use_triton:
         view = _patch_view(imgs, patch_size, channel_last)
-        if ids is None:
-            return view.reshape(n, tokens, pixels)
+        if ids is None:  # always a copy: an op's output must not alias its input
+            return imgs.new_empty(view.shape).copy_(view).view(n, tokens, pixels)
         rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w)
         return view[rows, grid_rows, grid_cols].reshape(n, tokens, pixels)
     patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
@@ -196,7 +200,7 @@ def gather_patches(
 
 def scatter_patches(
     patches: torch.Tensor,
-    ids: torch.Tensor | None,
+    ids: Optional[torch.Tensor],
     patch_size,
     image_shape,
     channel_last: bool,
@@ -240,31 +244,72 @@ def scatter_patches(
     return imgs
 
 
-class PatchifyFunction(torch.autograd.Function):
-    """imgs ``[N, C, H, W]`` -> ``[N, L, ph*pw*C]``; backward is unpatchify."""
-
-    @staticmethod
-    def forward(ctx, imgs, patch_size, use_triton):
-        ctx.patch_size, ctx.image_shape, ctx.use_triton = patch_size, imgs.shape, use_triton
-        return gather_patches(imgs, None, patch_size, True, use_triton)
-
-    @staticmethod
-    def backward(ctx, grad_patches):
-        grad = scatter_patches(
-            grad_patches, None, ctx.patch_size, ctx.image_shape, True, ctx.use_triton
-        )
-        return grad, None, None
+# Custom ops: opaque to torch.compile (no graph break, Inductor keeps its fusions around them),
+# and they run any backend - compiled Triton, Triton's interpreter or the torch path - which
+# ``torch.library.triton_op`` with ``wrap_triton`` could not (the interpreter cannot be traced).
 
 
-class UnpatchifyFunction(torch.autograd.Function):
-    """``[N, L, ph*pw*C]`` -> imgs ``image_shape``; backward is patchify."""
+@torch.library.custom_op("fastmae::gather_patches", mutates_args=())
+def gather_patches_op(
+    imgs: torch.Tensor,
+    ids: Optional[torch.Tensor],
+    patch_size: list[int],
+    channel_last: bool,
+    use_triton: bool,
+) -> torch.Tensor:
+    """:func:`gather_patches` as a differentiable op; its backward is ``scatter_patches``."""
+    return gather_patches(imgs, ids, tuple(patch_size), channel_last, use_triton)
 
-    @staticmethod
-    def forward(ctx, patches, patch_size, image_shape, use_triton):
-        ctx.patch_size, ctx.use_triton = patch_size, use_triton
-        return scatter_patches(patches, None, patch_size, image_shape, True, use_triton)
 
-    @staticmethod
-    def backward(ctx, grad_imgs):
-        grad = gather_patches(grad_imgs, None, ctx.patch_size, True, ctx.use_triton)
-        return grad, None, None, None
+@gather_patches_op.register_fake
+def _(imgs, ids, patch_size, channel_last, use_triton):
+    n, c, height, width = imgs.shape
+    tokens = (height // patch_size[0]) * (width // patch_size[1]) if ids is None else ids.shape[1]
+    return imgs.new_empty(n, tokens, c * patch_size[0] * patch_size[1])
+
+
+@torch.library.custom_op("fastmae::scatter_patches", mutates_args=())
+def scatter_patches_op(
+    patches: torch.Tensor,
+    ids: Optional[torch.Tensor],
+    patch_size: list[int],
+    image_shape: list[int],
+    channel_last: bool,
+    use_triton: bool,
+) -> torch.Tensor:
+    """:func:`scatter_patches` as a differentiable op; its backward is ``gather_patches``."""
+    return scatter_patches(patches, ids, tuple(patch_size), image_shape, channel_last, use_triton)
+
+
+@scatter_patches_op.register_fake
+def _(patches, ids, patch_size, image_shape, channel_last, use_triton):
+    return patches.new_empty(image_shape)
+
+
+def _setup_gather(ctx, inputs, output):
+    imgs, ids, ctx.patch_size, ctx.channel_last, ctx.use_triton = inputs
+    ctx.image_shape = list(imgs.shape)
+    ctx.save_for_backward(ids)
+
+
+def _backward_gather(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    grad_imgs = scatter_patches_op(
+        grad, ids, ctx.patch_size, ctx.image_shape, ctx.channel_last, ctx.use_triton
+    )
+    return grad_imgs, None, None, None, None
+
+
+def _setup_scatter(ctx, inputs, output):
+    _, ids, ctx.patch_size, _, ctx.channel_last, ctx.use_triton = inputs
+    ctx.save_for_backward(ids)
+
+
+def _backward_scatter(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    grad_patches = gather_patches_op(grad, ids, ctx.patch_size, ctx.channel_last, ctx.use_triton)
+    return grad_patches, None, None, None, None, None
+
+
+gather_patches_op.register_autograd(_backward_gather, setup_context=_setup_gather)
+scatter_patches_op.register_autograd(_backward_scatter, setup_context=_setup_scatter)

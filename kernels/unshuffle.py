@@ -10,8 +10,6 @@ rows' gradients are summed per program into partial sums, then reduced by a ``.s
 atomics, so two runs give bit-identical ``mask_token`` gradients.
 """
 
-from __future__ import annotations
-
 import torch
 
 from ._triton import block_size, launch, tl, triton
@@ -109,94 +107,127 @@ def _tiles(n, length, width):
     return block_d, (n, triton.cdiv(length + 1, _BLOCK_T), triton.cdiv(width, block_d))
 
 
-class UnshuffleFunction(torch.autograd.Function):
-    """x ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> ``[N, 1+L, D]`` decoder input.
+def _unshuffle_forward(x, ids_restore, mask_token, pos_embed, use_triton):
+    n, keep_plus_one, width = x.shape
+    length, keep = ids_restore.shape[1], keep_plus_one - 1
+    out_dtype = torch.promote_types(x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype))
+    if not use_triton:
+        source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
+        is_masked = (source > keep)[..., None]
+        rows = torch.arange(n, device=x.device)[:, None]
+        tokens = x[rows, source.clamp(max=keep)]
+        return torch.where(is_masked, mask_token.to(out_dtype), tokens.to(out_dtype)) + pos_embed
+    out = torch.empty(n, length + 1, width, dtype=out_dtype, device=x.device)
+    block_d, grid = _tiles(n, length, width)
+    launch(
+        _unshuffle_fwd_kernel,
+        grid,
+        out,
+        x.contiguous(),
+        ids_restore.contiguous(),
+        mask_token.contiguous(),
+        pos_embed.contiguous(),
+        length,
+        keep,
+        width,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
 
-    mask_token ``[1, 1, D]``, pos_embed ``[1, 1+L, D]``. The output dtype is the promotion of
-    the three inputs' dtypes, as the official ``cat`` and ``+`` give.
-    """
 
-    @staticmethod
-    def forward(ctx, x, ids_restore, mask_token, pos_embed, use_triton):
-        n, keep_plus_one, width = x.shape
-        length = ids_restore.shape[1]
-        keep = keep_plus_one - 1
-        out_dtype = torch.promote_types(
-            x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype)
-        )
-        ids_restore = ids_restore.contiguous()
-        token = mask_token.reshape(width)
-        pos = pos_embed.reshape(length + 1, width)
-        if use_triton:
-            out = torch.empty(n, length + 1, width, dtype=out_dtype, device=x.device)
-            block_d, grid = _tiles(n, length, width)
-            launch(
-                _unshuffle_fwd_kernel,
-                grid,
-                out,
-                x.contiguous(),
-                ids_restore,
-                token.contiguous(),
-                pos.contiguous(),
-                length,
-                keep,
-                width,
-                BLOCK_T=_BLOCK_T,
-                BLOCK_D=block_d,
-                num_warps=4,
-            )
-        else:
-            source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
-            is_masked = (source > keep)[..., None]
-            rows = torch.arange(n, device=x.device)[:, None]
-            tokens = x[rows, source.clamp(max=keep)]
-            out = torch.where(is_masked, token.to(out_dtype), tokens.to(out_dtype)) + pos
-        ctx.save_for_backward(ids_restore)
-        ctx.keep, ctx.x_dtype, ctx.use_triton = keep, x.dtype, use_triton
-        ctx.mask_token_dtype, ctx.pos_dtype = mask_token.dtype, pos_embed.dtype
-        return out
+def _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton):
+    """-> grad_x ``[N, 1+K, D]`` in x's dtype, and mask_token's gradient ``[D]`` in fp32."""
+    grad_out, ids_restore = grad_out.contiguous(), ids_restore.contiguous()
+    n, length_plus_one, width = grad_out.shape
+    length = length_plus_one - 1
+    if not use_triton:
+        # Inverse permutation by a scatter: the original position of each rank.
+        positions = torch.arange(length, device=grad_out.device).expand(n, length)
+        ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+        kept_rows = ids_shuffle[:, :keep, None].expand(-1, -1, width)
+        grad_x = torch.cat([grad_out[:, :1], grad_out[:, 1:].gather(1, kept_rows)], dim=1)
+        is_masked = (ids_restore >= keep)[..., None]
+        grad_mask_token = torch.where(is_masked, grad_out[:, 1:].float(), 0.0).sum((0, 1))
+        return grad_x.to(x_dtype), grad_mask_token
+    grad_x = grad_out.new_empty(n, keep + 1, width, dtype=x_dtype)
+    block_d, grid = _tiles(n, length, width)
+    partial = grad_out.new_empty(n, grid[1], width, dtype=torch.float32)
+    launch(
+        _unshuffle_bwd_kernel,
+        grid,
+        grad_x,
+        partial,
+        grad_out,
+        ids_restore,
+        length,
+        keep,
+        width,
+        BLOCK_T=_BLOCK_T,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return grad_x, partial.sum((0, 1))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (ids_restore,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        n, length_plus_one, width = grad_out.shape
-        length, keep = length_plus_one - 1, ctx.keep
-        grad_out = grad_out.contiguous()
-        if ctx.use_triton:
-            grad_x = grad_out.new_empty(n, keep + 1, width, dtype=ctx.x_dtype)
-            block_d, grid = _tiles(n, length, width)
-            partial = grad_out.new_empty(n, grid[1], width, dtype=torch.float32)
-            launch(
-                _unshuffle_bwd_kernel,
-                grid,
-                grad_x,
-                partial,
-                grad_out,
-                ids_restore,
-                length,
-                keep,
-                width,
-                BLOCK_T=_BLOCK_T,
-                BLOCK_D=block_d,
-                num_warps=4,
-            )
-            grad_mask_token = partial.sum((0, 1))
-        else:
-            # Inverse permutation by a scatter: the original position of each rank.
-            positions = torch.arange(length, device=grad_out.device).expand(n, length)
-            ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
-            grad_x = torch.cat(
-                [
-                    grad_out[:, :1],
-                    grad_out[:, 1:].gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, width)),
-                ],
-                dim=1,
-            ).to(ctx.x_dtype)
-            is_masked = (ids_restore >= keep)[..., None]
-            grad_mask_token = torch.where(is_masked, grad_out[:, 1:].float(), 0.0).sum((0, 1))
-        grad_mask_token = (
-            grad_mask_token.view(1, 1, width).to(ctx.mask_token_dtype) if needs[2] else None
-        )
-        grad_pos = grad_out.sum(0, keepdim=True).to(ctx.pos_dtype) if needs[3] else None
-        return grad_x, None, grad_mask_token, grad_pos, None
+
+@torch.library.custom_op("fastmae::unshuffle", mutates_args=())
+def unshuffle_op(
+    x: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    use_triton: bool,
+) -> torch.Tensor:
+    """x ``[N, 1+K, D]``, ids_restore ``[N, L]`` int64, mask_token ``[D]``, pos_embed
+    ``[1+L, D]`` -> ``[N, 1+L, D]`` in the promotion of the three dtypes (as the official
+    ``cat`` and ``+`` give)."""
+    return _unshuffle_forward(x, ids_restore, mask_token, pos_embed, use_triton)
+
+
+@unshuffle_op.register_fake
+def _(x, ids_restore, mask_token, pos_embed, use_triton):
+    out_dtype = torch.promote_types(x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype))
+    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=out_dtype)
+
+
+@torch.library.custom_op("fastmae::unshuffle_backward", mutates_args=())
+def unshuffle_backward_op(
+    grad_out: torch.Tensor,
+    ids_restore: torch.Tensor,
+    keep: int,
+    x_dtype: torch.dtype,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton)
+
+
+@unshuffle_backward_op.register_fake
+def _(grad_out, ids_restore, keep, x_dtype, use_triton):
+    n, _, width = grad_out.shape
+    return (
+        grad_out.new_empty(n, keep + 1, width, dtype=x_dtype),
+        grad_out.new_empty(width, dtype=torch.float32),
+    )
+
+
+def _setup_unshuffle(ctx, inputs, output):
+    x, ids_restore, mask_token, pos_embed, ctx.use_triton = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.keep = x.shape[1] - 1
+    ctx.dtypes = (x.dtype, mask_token.dtype, pos_embed.dtype)
+
+
+def _backward_unshuffle(ctx, grad_out):
+    (ids_restore,) = ctx.saved_tensors
+    x_dtype, mask_token_dtype, pos_dtype = ctx.dtypes
+    grad_x, grad_mask_token = unshuffle_backward_op(
+        grad_out, ids_restore, ctx.keep, x_dtype, ctx.use_triton
+    )
+    needs = ctx.needs_input_grad
+    grad_mask_token = grad_mask_token.to(mask_token_dtype) if needs[2] else None
+    grad_pos = grad_out.sum(0).to(pos_dtype) if needs[3] else None
+    return grad_x, None, grad_mask_token, grad_pos, None
+
+
+unshuffle_op.register_autograd(_backward_unshuffle, setup_context=_setup_unshuffle)

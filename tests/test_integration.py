@@ -1,0 +1,189 @@
+"""fastmae in real training setups: torch.compile, autocast, DDP, and no host synchronisation."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastmae
+from fastmae import reference
+from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
+from tests.helpers import TINY, rel_err
+
+CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
+
+
+def twins():
+    ref = reference.MaskedAutoencoderViT(**CONFIG)
+    fused = fastmae.MaskedAutoencoderViT(**CONFIG)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def step(model, imgs, noise):
+    model.zero_grad()
+    loss_value, pred, mask = model(imgs, mask_ratio=0.75, noise=noise)
+    loss_value.backward()
+    params = model.named_parameters()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in params if p.grad is not None}
+    return loss_value, pred, mask, grads
+
+
+def test_compile_fullgraph_matches_eager(backend):
+    _, fused = twins()
+    imgs, noise = torch.randn(3, 3, 8, 12), torch.rand(3, 24)
+    eager = step(fused, imgs, noise)
+    torch._dynamo.reset()
+    compiled_model = torch.compile(fused, fullgraph=True)  # any graph break raises
+    compiled = step(compiled_model, imgs, noise)
+    assert torch.equal(compiled[2], eager[2])
+    assert rel_err(compiled[0], eager[0]) <= 1e-5 and rel_err(compiled[1], eager[1]) <= 1e-5
+    for name, grad in eager[3].items():
+        assert rel_err(compiled[3][name], grad) <= 1e-5, name
+
+
+def op_samples():
+    """One call of every fastmae custom op, with inputs that need grad where it can flow."""
+    n, length, keep, width = 3, 24, 6, 10
+    noise = torch.rand(n, length)
+    ids_keep, ids_restore, mask = masking.masking_op(noise, keep, torch.float32, False)
+    imgs = torch.randn(n, 3, 8, 12, requires_grad=True)
+    pred = torch.randn(n, length, 12, requires_grad=True)
+    grad_out = torch.randn(n, length + 1, width)
+    return [
+        (masking.masking_op, (noise, keep, torch.float32)),
+        (patchify.gather_patches_op, (imgs, ids_keep, [2, 2], False)),
+        (patchify.gather_patches_op, (imgs, None, [2, 2], True)),
+        (patchify.scatter_patches_op, (pred, None, [2, 2], [n, 3, 8, 12], True)),
+        (
+            patchify.scatter_patches_op,
+            (pred[:, :keep].detach().requires_grad_(), ids_keep, [2, 2], [n, 3, 8, 12], False),
+        ),
+        (
+            patch_embed.add_positions_op,
+            (
+                torch.randn(n, keep, width, requires_grad=True),
+                ids_keep,
+                torch.randn(width, requires_grad=True),
+                torch.randn(length + 1, width, requires_grad=True),
+            ),
+        ),
+        (
+            unshuffle.unshuffle_op,
+            (
+                torch.randn(n, keep + 1, width, requires_grad=True),
+                ids_restore,
+                torch.randn(width, requires_grad=True),
+                torch.randn(length + 1, width),
+            ),
+        ),
+        (unshuffle.unshuffle_backward_op, (grad_out, ids_restore, keep, torch.float32)),
+        (loss.masked_pixel_loss_op, (imgs, pred, mask, [2, 2], True)),
+        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, [2, 2], False)),
+    ]
+
+
+def test_opcheck_every_custom_op(backend):
+    use_triton = backend == "triton"
+    for op, args in op_samples():
+        torch.library.opcheck(op, (*args, use_triton))
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+def test_bf16_autocast_on_cpu(backend_name):
+    # "auto" mixes paths under the interpreter: fp32 ops run Triton, bf16 ones the torch path.
+    ref, fused = twins()
+    imgs, noise = torch.randn(4, 3, 8, 12), torch.rand(4, 24)
+    oracle = step(ref, imgs, noise)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastmae.use_backend(backend_name):
+        ref_bf16 = step(ref, imgs, noise)
+        fused_bf16 = step(fused, imgs, noise)
+    assert torch.isfinite(fused_bf16[0]) and fused_bf16[0].dtype == torch.float32
+    assert torch.equal(fused_bf16[2], oracle[2])
+    # Within twice the error that the reference itself makes in bf16 (plus rounding slack).
+    for got, same_dtype, expected in zip(fused_bf16[:2], ref_bf16[:2], oracle[:2]):
+        assert rel_err(got, expected) <= 2 * rel_err(same_dtype, expected) + 1e-3
+    for name, grad in oracle[3].items():
+        assert fused_bf16[3][name].dtype == torch.float32, name
+        limit = 2 * rel_err(ref_bf16[3][name], grad) + 1e-3
+        assert rel_err(fused_bf16[3][name], grad) <= limit, name
+
+
+def test_no_host_synchronisation_in_a_step():
+    """No .item(), .nonzero(), .cpu(), bool() or .tolist() on tensors anywhere in a fused
+    forward+backward on the Triton path (the torch path selects rows with nonzero on purpose)."""
+    if fastmae.dispatch.use_triton(torch.zeros(1)) is False:
+        pytest.skip("needs the Triton path: CUDA or TRITON_INTERPRET=1")
+    _, fused = twins()
+    imgs = torch.randn(3, 3, 8, 12)
+    names = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"]
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    original_nonzero = torch.nonzero
+
+    def recorder(name, original):
+        def record(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        return record
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, recorder(name, originals[name]))
+        torch.nonzero = recorder("torch.nonzero", original_nonzero)
+        with fastmae.use_backend("triton"):
+            loss_value, _, _ = fused(imgs)
+            loss_value.backward()
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, originals[name])
+        torch.nonzero = original_nonzero
+    assert calls == []
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world, port, state, imgs, noise, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = fastmae.MaskedAutoencoderViT(**CONFIG)
+        model.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        half = imgs.shape[0] // world
+        rows = slice(rank * half, (rank + 1) * half)
+        loss_value, _, _ = ddp(imgs[rows], mask_ratio=0.75, noise=noise[rows])
+        loss_value.backward()
+        if rank == 0:
+            results.update(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process():
+    _, fused = twins()
+    imgs, noise = torch.randn(4, 3, 8, 12), torch.rand(4, 24)
+    single = step(fused, imgs, noise)[3]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(
+            ddp_worker,
+            args=(2, free_port(), fused.state_dict(), imgs, noise, results),
+            nprocs=2,
+            join=True,
+        )
+        averaged = dict(results)
+    assert averaged.keys() == single.keys()
+    for name, grad in single.items():
+        assert rel_err(averaged[name], grad) <= 1e-5, name

@@ -5,6 +5,7 @@
 """
 
 from fastmae import functional, reference
+from fastmae.checkpoint import load_checkpoint, save_checkpoint
 from fastmae.dispatch import get_backend, set_backend, use_backend
 from fastmae.model import (
     MaskedAutoencoderViT,
@@ -22,6 +23,7 @@ __all__ = [
     "MaskedAutoencoderViT",
     "functional",
     "get_backend",
+    "load_checkpoint",
     "mae_vit_base_patch16",
     "mae_vit_base_patch16_dec512d8b",
     "mae_vit_huge_patch14",
@@ -29,6 +31,7 @@ __all__ = [
     "mae_vit_large_patch16",
     "mae_vit_large_patch16_dec512d8b",
     "reference",
+    "save_checkpoint",
     "set_backend",
     "use_backend",
 ]

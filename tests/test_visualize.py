@@ -1,0 +1,82 @@
+"""The reconstruction picture: CLI output and the un-normalisation it draws."""
+
+import pytest
+import torch
+
+import fastmae
+from fastmae import visualize
+from tests.helpers import TINY
+
+Image = pytest.importorskip("PIL.Image")
+
+
+@pytest.mark.parametrize("in_chans,mode", [(3, "RGB"), (1, "L")])
+def test_cli_writes_a_png_grid(tmp_path, capsys, in_chans, mode):
+    out = tmp_path / "grid.png"
+    card = visualize.TEST_CARD
+    code = visualize.main(
+        [
+            "--image",
+            card,
+            card,
+            "--in-chans",
+            str(in_chans),
+            "--img-size",
+            "64",
+            "96",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ]
+    )
+    assert code == 0
+    assert "random weights" in capsys.readouterr().err
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.mode == mode
+        assert picture.size == (4 * 96, 2 * 64)
+
+
+def test_cli_default_image_and_checkpoint(tmp_path, capsys):
+    model = fastmae.mae_vit_base_patch16(img_size=32)
+    fastmae.save_checkpoint(model, tmp_path / "ckpt.pth", epoch=1)
+    out = tmp_path / "card.png"
+    visualize.main(
+        ["--checkpoint", str(tmp_path / "ckpt.pth"), "--img-size", "32", "--out", str(out)]
+    )
+    assert "random weights" not in capsys.readouterr().err
+    with Image.open(out) as picture:
+        assert picture.size == (4 * 32, 32)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_perfect_prediction_reconstructs_the_image(norm_pix):
+    model = fastmae.MaskedAutoencoderViT(img_size=8, patch_size=2, norm_pix_loss=norm_pix, **TINY)
+    imgs = torch.randn(2, 3, 8, 8)
+    patches = model.patchify(imgs)
+    mask_holder = {}
+
+    def perfect(latent, ids_restore):
+        if not norm_pix:
+            return patches
+        # Normalised with the visible pixels' image-level statistics, the documented choice.
+        visible = (1 - mask_holder["mask"])[..., None].expand_as(patches)
+        count = visible.sum((1, 2))
+        mean = (patches * visible).sum((1, 2)) / count
+        var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
+        return (patches - mean[:, None, None]) / (var + 1e-6).sqrt()[:, None, None]
+
+    encoder = model.forward_encoder
+
+    def encode(*args, **kwargs):
+        latent, mask, ids_restore = encoder(*args, **kwargs)
+        mask_holder["mask"] = mask
+        return latent, mask, ids_restore
+
+    model.forward_encoder, model.forward_decoder = encode, perfect
+    result = visualize.reconstruct(model, imgs, mask_ratio=0.5)
+    assert torch.allclose(result["reconstruction"], imgs, atol=1e-5)
+    assert torch.allclose(result["pasted"], imgs, atol=1e-5)
+    removed = model.unpatchify(result["mask"][..., None].expand_as(patches).contiguous())
+    assert torch.equal(result["masked"], imgs * (1 - removed))
+    assert 0 < removed.mean() < 1

@@ -295,17 +295,20 @@ def main():
             ]
         )
     stamp = f"{datetime.date.today()}, Triton {triton.__version__}"
+    note = "ViT-L/16 rows identical to ViT-B/16 ones (same block sizes) are left out."
     if markdown:
         print(f"Static check ({stamp}; `python -m benchmarks.static_check --markdown`)\n")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for line in table:
             print("| " + " | ".join(line) + " |")
+        print(f"\n{note}")
         return
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     print(f"fastmae static GPU check, {stamp}")
     for line in [header] + table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    print(note)
 
 
 if __name__ == "__main__":

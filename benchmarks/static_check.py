@@ -63,23 +63,26 @@ def kernel_specs(width: int):
         ("kept patches (c,i,j)", True, False, KEEP),
         ("patchify (i,j,c)", False, True, LENGTH),
     ):
-        for kernel, out_in in (
-            (patchify._gather_patches_kernel, ("patches_ptr", "imgs_ptr")),
-            (patchify._scatter_patches_kernel, ("imgs_ptr", "patches_ptr")),
-        ):
-            direction = "gather" if "gather" in kernel.fn.__name__ else "scatter"
+        for to_image in (False, True):
             specs.append(
                 (
-                    f"{direction} {label}",
-                    kernel,
+                    f"{'scatter' if to_image else 'gather'} {label}",
+                    patchify._copy_patches_kernel,
                     {
-                        out_in[0]: ptr("fp32"),
-                        out_in[1]: ptr("fp32"),
+                        "imgs_ptr": ptr("fp32"),
+                        "patches_ptr": ptr("fp32"),
                         "ids_ptr": ptr("i64"),
                         "T": tokens,
                         **image,
                     },
-                    dict(PH=PATCH, PW=PATCH, HAS_IDS=has_ids, CHANNEL_LAST=channel_last, **tiles),
+                    dict(
+                        PH=PATCH,
+                        PW=PATCH,
+                        HAS_IDS=has_ids,
+                        CHANNEL_LAST=channel_last,
+                        TO_IMAGE=to_image,
+                        **tiles,
+                    ),
                     tile_warps,
                 )
             )

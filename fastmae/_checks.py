@@ -83,3 +83,15 @@ def check_shape(value, name: str, expected: tuple[int, ...]) -> None:
     check_tensor(value, name)
     if tuple(value.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {list(expected)}, got {list(value.shape)}")
+
+
+def check_patch_rows(x, patch_size: tuple[int, int], grid_size: tuple[int, int]) -> int:
+    """x must be ``[N, h*w, ph*pw*C]`` floating for the grid and patch; returns C."""
+    (ph, pw), (h, w) = patch_size, grid_size
+    check_floating(x, "x")
+    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] % (ph * pw) or x.shape[2] == 0:
+        raise ValueError(
+            f"x must be [N, {h * w}, {ph}*{pw}*C] for a {h}x{w} grid of {ph}x{pw} patches, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x.shape[2] // (ph * pw)

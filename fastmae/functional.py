@@ -110,13 +110,8 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
     """``[N, h*w, ph*pw*C]`` -> imgs ``[N, C, h*ph, w*pw]``; grid_size is ``(h, w)`` or an int."""
     ph, pw = to_2tuple(patch_size, "patch_size")
     h, w = to_2tuple(grid_size, "grid_size")
-    _checks.check_floating(x, "x")
-    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] % (ph * pw):
-        raise ValueError(
-            f"x must be [N, {h * w}, {ph}*{pw}*C] for a {h}x{w} grid of {ph}x{pw} patches, "
-            f"got shape {tuple(x.shape)}"
-        )
-    image_shape = (x.shape[0], x.shape[2] // (ph * pw), h * ph, w * pw)
+    channels = _checks.check_patch_rows(x, (ph, pw), (h, w))
+    image_shape = (x.shape[0], channels, h * ph, w * pw)
     return scatter_patches_op(x, None, [ph, pw], list(image_shape), True, use_triton(x))
 
 

@@ -42,13 +42,8 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
     """``[N, h*w, ph*pw*C]`` -> imgs ``[N, C, h*ph, w*pw]``; the inverse of :func:`patchify`."""
     ph, pw = to_2tuple(patch_size, "patch_size")
     h, w = to_2tuple(grid_size, "grid_size")
-    _checks.check_tensor(x, "x")
-    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] % (ph * pw):
-        raise ValueError(
-            f"x must be [N, {h * w}, {ph}*{pw}*C] for a {h}x{w} grid of {ph}x{pw} patches, "
-            f"got shape {tuple(x.shape)}"
-        )
-    n, c = x.shape[0], x.shape[2] // (ph * pw)
+    c = _checks.check_patch_rows(x, (ph, pw), (h, w))
+    n = x.shape[0]
     x = x.reshape(n, h, w, ph, pw, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, c, h * ph, w * pw)

@@ -70,9 +70,9 @@ def _tile_offsets(
 
 
 @triton.jit
-def _gather_patches_kernel(
-    patches_ptr,  # [N, T, C*PH*PW] out
-    imgs_ptr,  # [N, C, H, W]
+def _copy_patches_kernel(
+    imgs_ptr,  # [N, C, H, W]: read, or written when TO_IMAGE (other patches left untouched)
+    patches_ptr,  # [N, T, C*PH*PW]: written, or read when TO_IMAGE
     ids_ptr,  # [N, T] int64 patch index of each row (read only when HAS_IDS)
     T,
     C,
@@ -83,11 +83,13 @@ def _gather_patches_kernel(
     PW: tl.constexpr,
     HAS_IDS: tl.constexpr,
     CHANNEL_LAST: tl.constexpr,
+    TO_IMAGE: tl.constexpr,
     C_BLOCK: tl.constexpr,
     PH_BLOCK: tl.constexpr,
     PW_BLOCK: tl.constexpr,
 ):
-    """Grid ``(N*T,)``: each program copies one patch into its row, C_BLOCK channels a step."""
+    """Grid ``(N*T,)``: each program copies one patch between the image and its row (the
+    gather), or back (TO_IMAGE, the scatter), C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
     corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
     row_start = patches_ptr + token * (C * PH * PW)
@@ -95,38 +97,12 @@ def _gather_patches_kernel(
         image_offsets, patch_offsets, valid = _tile_offsets(
             first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
         )
-        pixels = tl.load(corner + image_offsets, mask=valid)
-        tl.store(row_start + patch_offsets, pixels, mask=valid)
-
-
-@triton.jit
-def _scatter_patches_kernel(
-    imgs_ptr,  # [N, C, H, W] out; pixels of patches not in ids are left untouched
-    patches_ptr,  # [N, T, C*PH*PW]
-    ids_ptr,  # [N, T] int64 (read only when HAS_IDS)
-    T,
-    C,
-    H,
-    W,
-    grid_w,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    CHANNEL_LAST: tl.constexpr,
-    C_BLOCK: tl.constexpr,
-    PH_BLOCK: tl.constexpr,
-    PW_BLOCK: tl.constexpr,
-):
-    """Grid ``(N*T,)``: the transpose of :func:`_gather_patches_kernel`."""
-    token = tl.program_id(0).to(tl.int64)
-    corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
-    row_start = patches_ptr + token * (C * PH * PW)
-    for first_channel in range(0, C, C_BLOCK):
-        image_offsets, patch_offsets, valid = _tile_offsets(
-            first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
-        )
-        pixels = tl.load(row_start + patch_offsets, mask=valid)
-        tl.store(corner + image_offsets, pixels, mask=valid)
+        if TO_IMAGE:
+            pixels = tl.load(row_start + patch_offsets, mask=valid)
+            tl.store(corner + image_offsets, pixels, mask=valid)
+        else:
+            pixels = tl.load(corner + image_offsets, mask=valid)
+            tl.store(row_start + patch_offsets, pixels, mask=valid)
 
 
 def tile_config(channels: int, patch_size) -> dict:
@@ -179,10 +155,10 @@ def gather_patches(
     if patches.numel():
         ids_arg = imgs if ids is None else ids.contiguous()
         launch(
-            _gather_patches_kernel,
+            _copy_patches_kernel,
             (n * tokens,),
-            patches,
             imgs,
+            patches,
             ids_arg,
             tokens,
             c,
@@ -193,6 +169,7 @@ def gather_patches(
             PW=pw,
             HAS_IDS=ids is not None,
             CHANNEL_LAST=channel_last,
+            TO_IMAGE=False,
             **tile_config(c, patch_size),
         )
     return patches
@@ -225,7 +202,7 @@ def scatter_patches(
     if patches.numel():
         ids_arg = patches if every_patch else ids.contiguous()
         launch(
-            _scatter_patches_kernel,
+            _copy_patches_kernel,
             (n * tokens,),
             imgs,
             patches,
@@ -239,6 +216,7 @@ def scatter_patches(
             PW=pw,
             HAS_IDS=not every_patch,
             CHANNEL_LAST=channel_last,
+            TO_IMAGE=True,
             **tile_config(c, patch_size),
         )
     return imgs

@@ -13,6 +13,17 @@ from tests.helpers import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+SMALL_VIT = dict(
+    img_size=224,
+    patch_size=16,
+    embed_dim=192,
+    depth=2,
+    num_heads=3,
+    decoder_embed_dim=128,
+    decoder_depth=1,
+    decoder_num_heads=4,
+)
+
 
 def outputs(model, imgs, noise, dtype):
     model.zero_grad()
@@ -26,17 +37,7 @@ def outputs(model, imgs, noise, dtype):
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_model_parity_on_cuda(dtype, norm_pix):
-    config = dict(
-        img_size=224,
-        patch_size=16,
-        embed_dim=192,
-        depth=2,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=1,
-        decoder_num_heads=4,
-        norm_pix_loss=norm_pix,
-    )
+    config = dict(SMALL_VIT, norm_pix_loss=norm_pix)
     ref = reference.MaskedAutoencoderViT(**config).cuda()
     fused = fastmae.MaskedAutoencoderViT(**config).cuda()
     fused.load_state_dict(ref.state_dict())
@@ -70,17 +71,7 @@ def test_loss_low_precision_pred_on_cuda(dtype):
 def test_training_step_captures_in_a_cuda_graph():
     """Forward+backward of the drop-in captured once, replayed on new data: same loss and
     gradients as eager. Capture fails on any host synchronisation."""
-    model = fastmae.MaskedAutoencoderViT(
-        img_size=224,
-        patch_size=16,
-        embed_dim=192,
-        depth=2,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=1,
-        decoder_num_heads=4,
-        norm_pix_loss=True,
-    ).cuda()
+    model = fastmae.MaskedAutoencoderViT(**SMALL_VIT, norm_pix_loss=True).cuda()
     static_imgs = torch.randn(8, 3, 224, 224, device="cuda")
     static_noise = torch.rand(8, 196, device="cuda")
     side = torch.cuda.Stream()
@@ -111,16 +102,7 @@ def test_training_step_captures_in_a_cuda_graph():
 
 
 def test_no_synchronisation_on_cuda():
-    model = fastmae.MaskedAutoencoderViT(
-        img_size=224,
-        patch_size=16,
-        embed_dim=192,
-        depth=1,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=1,
-        decoder_num_heads=4,
-    ).cuda()
+    model = fastmae.MaskedAutoencoderViT(**SMALL_VIT).cuda()
     imgs = torch.randn(4, 3, 224, 224, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -16,7 +16,7 @@ CONFIGS = {
 }
 FUSED_KERNELS = {
     "_masking_kernel",
-    "_gather_patches_kernel",
+    "_copy_patches_kernel",
     "_add_positions_kernel",
     "_unshuffle_fwd_kernel",
     "_unshuffle_bwd_kernel",

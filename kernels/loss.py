@@ -163,14 +163,7 @@ def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
     mean = torch.zeros(n * length, dtype=torch.float32, device=pred.device)
     rstd = torch.zeros_like(mean)
     if not use_triton:
-        removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
-        if norm_pix and removed.numel():  # (an empty variance would only warn)
-            var, target_mean = torch.var_mean(target, dim=-1)
-            mean.index_copy_(0, removed, target_mean)
-            rstd.index_copy_(0, removed, torch.rsqrt(var + EPS))
-            target = (target - target_mean[:, None]) * rstd.index_select(0, removed)[:, None]
-        diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
-        return (diff.square().mean(-1) * weight).sum(), mean, rstd
+        return _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd)
     patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
     if patch_loss.numel():
         block = block_size(pixels, 1 << 16)
@@ -196,14 +189,45 @@ def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
             BLOCK=block,
             num_warps=warps_for(block),
         )
-    return patch_loss.sum(), mean, rstd
+    return patch_loss.sum(), mean, rstd, pred.new_empty(0, 0, dtype=torch.float32)
+
+
+def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd):
+    """The torch path on the removed rows only; also returns the weighted residual
+    ``mask * (pred - target)`` as ``[N*L, P]`` fp32, so that its backward is one multiply."""
+    pixels = pred.shape[-1]
+    removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
+    if norm_pix and removed.numel():
+        target_mean = target.mean(-1, keepdim=True)
+        target = target - target_mean
+        # Two passes over the centred rows: torch.var is several times slower on the CPU.
+        var = torch.linalg.vector_norm(target, dim=-1, keepdim=True).square() / (pixels - 1)
+        target_rstd = torch.rsqrt(var + EPS)
+        target = target * target_rstd
+        mean.index_copy_(0, removed, target_mean[:, 0])
+        rstd.index_copy_(0, removed, target_rstd[:, 0])
+    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
+    total = (torch.linalg.vector_norm(diff, dim=-1).square() * weight).sum() / pixels
+    residual = torch.zeros(pred.shape[0] * pred.shape[1], pixels, device=pred.device)
+    residual.index_copy_(0, removed, diff * weight[:, None])
+    return total, mean, rstd, residual
 
 
 def _loss_backward(
-    scale, imgs, pred, mask, mean, rstd, patch_size, norm_pix, grad_imgs_needed, use_triton
+    scale,
+    imgs,
+    pred,
+    mask,
+    mean,
+    rstd,
+    residual,
+    patch_size,
+    norm_pix,
+    grad_imgs_needed,
+    use_triton,
 ):
     """scale ``[1]`` fp32 = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs or an empty tensor,
-    grad_pred)."""
+    grad_pred). ``residual`` is the torch path's forward residual (empty on the Triton path)."""
     imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
     n, c, height, width = imgs.shape
     ph, pw = patch_size
@@ -238,18 +262,14 @@ def _loss_backward(
                 num_warps=warps_for(block),
             )
         return grad_imgs, grad_pred
-    removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
-    if norm_pix:
-        patch_rstd = rstd.index_select(0, removed)[:, None]
-        target = (target - mean.index_select(0, removed)[:, None]) * patch_rstd
-    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
-    grad = (scale * weight)[:, None] * diff
-    grad_pred = torch.zeros_like(pred)
-    grad_pred.view(-1, pixels).index_copy_(0, removed, grad.to(pred.dtype))
+    grad_pred = (residual * scale).to(pred.dtype).view_as(pred)
     if not grad_imgs_needed:
         return imgs.new_empty(0), grad_pred
-    grad_target = -grad
+    removed, _, target = _removed_targets(imgs, mask, pixels, patch_size)
+    grad_target = -(residual.index_select(0, removed) * scale)
     if norm_pix:  # backward of (x - mean) * rstd, the unbiased variance inside rstd
+        patch_rstd = rstd.index_select(0, removed)[:, None]
+        target = (target - mean.index_select(0, removed)[:, None]) * patch_rstd
         grad_target = patch_rstd * (
             grad_target
             - grad_target.mean(-1, keepdim=True)
@@ -269,19 +289,22 @@ def masked_pixel_loss_op(
     patch_size: list[int],
     norm_pix: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss 0-dim in the promotion of pred's and imgs' dtypes, as the official code gives;
-    target mean and rstd ``[N*L]`` fp32, kept for the backward)."""
-    total, mean, rstd = _loss_forward(imgs, pred, mask, tuple(patch_size), norm_pix, use_triton)
+    target mean and rstd ``[N*L]`` fp32 and, on the torch path, the weighted residual
+    ``[N*L, P]`` fp32 (``[0, 0]`` on the Triton path), kept for the backward)."""
+    total, *saved = _loss_forward(imgs, pred, mask, tuple(patch_size), norm_pix, use_triton)
     loss = (total / _mask_denominator(mask)).to(torch.promote_types(pred.dtype, imgs.dtype))
-    return loss, mean, rstd
+    return (loss, *saved)
 
 
 @masked_pixel_loss_op.register_fake
 def _(imgs, pred, mask, patch_size, norm_pix, use_triton):
     stats = pred.new_empty(pred.shape[0] * pred.shape[1], dtype=torch.float32)
     loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
-    return pred.new_empty((), dtype=loss_dtype), stats, torch.empty_like(stats)
+    rows = 0 if use_triton else stats.shape[0]
+    residual = pred.new_empty(rows, pred.shape[2] if rows else 0, dtype=torch.float32)
+    return pred.new_empty((), dtype=loss_dtype), stats, torch.empty_like(stats), residual
 
 
 @torch.library.custom_op("fastmae::masked_pixel_loss_backward", mutates_args=())
@@ -292,6 +315,7 @@ def masked_pixel_loss_backward_op(
     mask: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
+    residual: torch.Tensor,
     patch_size: list[int],
     norm_pix: bool,
     grad_imgs_needed: bool,
@@ -304,6 +328,7 @@ def masked_pixel_loss_backward_op(
         mask,
         mean,
         rstd,
+        residual,
         tuple(patch_size),
         norm_pix,
         grad_imgs_needed,
@@ -312,20 +337,32 @@ def masked_pixel_loss_backward_op(
 
 
 @masked_pixel_loss_backward_op.register_fake
-def _(scale, imgs, pred, mask, mean, rstd, patch_size, norm_pix, grad_imgs_needed, use_triton):
+def _(
+    scale,
+    imgs,
+    pred,
+    mask,
+    mean,
+    rstd,
+    residual,
+    patch_size,
+    norm_pix,
+    grad_imgs_needed,
+    use_triton,
+):
     grad_imgs = torch.empty_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
     return grad_imgs, torch.empty_like(pred)
 
 
 def _setup_loss(ctx, inputs, output):
     imgs, pred, mask, ctx.patch_size, ctx.norm_pix, ctx.use_triton = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(imgs, pred, mask, mean, rstd)
+    _, mean, rstd, residual = output
+    ctx.mark_non_differentiable(mean, rstd, residual)
+    ctx.save_for_backward(imgs, pred, mask, mean, rstd, residual)
 
 
-def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd):
-    imgs, pred, mask, mean, rstd = ctx.saved_tensors
+def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd, _grad_residual):
+    imgs, pred, mask, mean, rstd, residual = ctx.saved_tensors
     scale = (2.0 * grad_loss.float() / (pred.shape[-1] * _mask_denominator(mask))).reshape(1)
     grad_imgs_needed = ctx.needs_input_grad[0]
     grad_imgs, grad_pred = masked_pixel_loss_backward_op(
@@ -335,6 +372,7 @@ def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd):
         mask,
         mean,
         rstd,
+        residual,
         ctx.patch_size,
         ctx.norm_pix,
         grad_imgs_needed,

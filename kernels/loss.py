@@ -206,10 +206,12 @@ def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd):
         target = target * target_rstd
         mean.index_copy_(0, removed, target_mean[:, 0])
         rstd.index_copy_(0, removed, target_rstd[:, 0])
-    diff = pred.reshape(-1, pixels).index_select(0, removed).float() - target
+    # In place on the freshly gathered rows: every pass counts on the CPU.
+    diff = pred.reshape(-1, pixels).index_select(0, removed).float().sub_(target)
     total = (torch.linalg.vector_norm(diff, dim=-1).square() * weight).sum() / pixels
-    residual = torch.zeros(pred.shape[0] * pred.shape[1], pixels, device=pred.device)
-    residual.index_copy_(0, removed, diff * weight[:, None])
+    residual = torch.empty(pred.shape[0] * pred.shape[1], pixels, device=pred.device)
+    residual.index_fill_(0, torch.nonzero(mask.reshape(-1) == 0).squeeze(1), 0.0)  # kept rows
+    residual.index_copy_(0, removed, diff.mul_(weight[:, None]))
     return total, mean, rstd, residual
 
 
@@ -358,6 +360,7 @@ def _setup_loss(ctx, inputs, output):
     imgs, pred, mask, ctx.patch_size, ctx.norm_pix, ctx.use_triton = inputs
     _, mean, rstd, residual = output
     ctx.mark_non_differentiable(mean, rstd, residual)
+    ctx.set_materialize_grads(False)  # no zero gradients for the three saved-state outputs
     ctx.save_for_backward(imgs, pred, mask, mean, rstd, residual)
 
 

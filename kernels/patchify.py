@@ -222,9 +222,7 @@ def scatter_patches(
     return imgs
 
 
-# Custom ops: opaque to torch.compile (no graph break, Inductor keeps its fusions around them),
-# and they run any backend - compiled Triton, Triton's interpreter or the torch path - which
-# ``torch.library.triton_op`` with ``wrap_triton`` could not (the interpreter cannot be traced).
+# Custom ops (why custom_op and not triton_op: see kernels/__init__.py).
 
 
 @torch.library.custom_op("fastmae::gather_patches", mutates_args=())

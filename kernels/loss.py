@@ -85,7 +85,7 @@ def _masked_loss_fwd_kernel(
 def _masked_loss_bwd_kernel(
     grad_pred_ptr,  # [N, L, P] out: zeros at kept patches
     grad_imgs_ptr,  # [N, C, H, W] out, zero-initialised (written only when GRAD_IMGS)
-    scale_ptr,  # [1] fp32: 2 * grad_loss / (P * sum(mask)), or 0 for an all-kept mask
+    scale_ptr,  # [1] fp32: 2 * grad_loss / (P * sum(mask)), sum(mask) taken as 1 when 0
     pred_ptr,  # [N, L, P]
     imgs_ptr,  # [N, C, H, W]
     mask_ptr,  # [N, L]

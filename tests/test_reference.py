@@ -98,7 +98,9 @@ def sincos_by_formula(width, rows, cols):
 
 @pytest.mark.parametrize("img_size,grid", [(8, (2, 2)), ((8, 12), (2, 3)), ((16, 4), (4, 1))])
 def test_initialisation(img_size, grid):
-    model = reference.MaskedAutoencoderViT(img_size=img_size, patch_size=4, in_chans=3, **TINY)
+    # Wide enough (256) that the sample statistics below sit many standard errors from the bounds.
+    wide = dict(TINY, embed_dim=256, decoder_embed_dim=256, depth=1)
+    model = reference.MaskedAutoencoderViT(img_size=img_size, patch_size=4, in_chans=3, **wide)
     for param in (model.pos_embed, model.decoder_pos_embed):
         expected = sincos_by_formula(param.shape[-1], *grid)
         assert param.dtype == torch.float32
@@ -108,7 +110,7 @@ def test_initialisation(img_size, grid):
     bound = math.sqrt(6.0 / (weight[0].numel() + weight.shape[0]))  # xavier on [D, C*p*p]
     assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
     for token in (model.cls_token, model.mask_token):
-        assert 0.01 < token.std() < 0.03
+        assert 0.015 < token.std() < 0.025
     for module in model.modules():
         if isinstance(module, nn.Linear):
             fan_out, fan_in = module.weight.shape

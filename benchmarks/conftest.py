@@ -5,7 +5,8 @@
 - Warm-up rounds (and torch.compile's compilation) run before the clock starts.
 - On CUDA the timed function ends with a synchronize, so the clock sees the GPU work.
 
-Options: ``--fastmae-compile`` adds ``reference+compile`` and ``fastmae+compile`` rows;
+Options: ``--fastmae-compile`` adds ``reference+compile`` and ``fastmae+compile`` rows to the op
+groups, ``--fastmae-compile all`` to the training steps too (compiling a whole ViT takes minutes);
 ``--fastmae-models`` (or FASTMAE_BENCH_MODELS) picks the training-step models, comma-separated;
 ``--fastmae-batch`` (or FASTMAE_BENCH_BATCH) overrides the batch size.
 """
@@ -26,7 +27,13 @@ GPU = torch.cuda.is_available()
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastmae")
-    group.addoption("--fastmae-compile", action="store_true", help="add torch.compile rows")
+    group.addoption(
+        "--fastmae-compile",
+        nargs="?",
+        const="ops",
+        choices=["ops", "all"],
+        help="add torch.compile rows: to the op groups (ops, the default) or to all groups",
+    )
     group.addoption(
         "--fastmae-models",
         default=os.environ.get(
@@ -41,7 +48,9 @@ def pytest_addoption(parser):
 def pytest_generate_tests(metafunc):
     if "impl" in metafunc.fixturenames:
         impls = ["reference", "fastmae"]
-        if metafunc.config.getoption("--fastmae-compile"):
+        compile_rows = metafunc.config.getoption("--fastmae-compile")
+        is_step = "model_name" in metafunc.fixturenames
+        if compile_rows == "all" or (compile_rows == "ops" and not is_step):
             impls += ["reference+compile", "fastmae+compile"]
         metafunc.parametrize("impl", impls)
     if "model_name" in metafunc.fixturenames:

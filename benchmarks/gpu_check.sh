@@ -26,7 +26,8 @@ timeout 60 python -m benchmarks.static_check --markdown >"$out/static_check.md" 
 tail -n +3 "$out/static_check.md" | head -3
 echo "== benchmarks"
 timeout 300 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$out/benchmarks.json" ${FASTMAE_BENCH_ARGS:-} >"$out/benchmarks.txt" 2>&1 ||
+    --benchmark-json="$out/benchmarks.json" ${FASTMAE_BENCH_ARGS:---fastmae-compile ops} \
+    >"$out/benchmarks.txt" 2>&1 ||
     status=1
 sed -n '/fastmae benchmark summary/,$p' "$out/benchmarks.txt"
 echo "gpu_check: exit $status; full results in $out"

@@ -10,6 +10,32 @@ it. The cost is that Inductor cannot fuse into our kernels, which are memory-bou
 reductions it would not improve.
 """
 
+import hashlib
+import pathlib
+
+import torch
+
 from ._triton import HAS_TRITON, interpreting, launch_counts, reset_launch_counts
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's caches (Inductor's FX graph cache, AOTAutograd's cache) key a graph by its
+    text, not by the Python behind a custom op, so a fastmae whose op bodies or backward formulas
+    changed would be served the old compiled backward from a warm cache (seen with torch 2.13).
+    A digest of these op sources, appended to torch's cache-key tag, keys them in."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    marker = f"fastmae-{digest.hexdigest()[:16]}"
+    if marker not in config.cache_key_tag:
+        config.cache_key_tag = (
+            f"{config.cache_key_tag}|{marker}" if config.cache_key_tag else marker
+        )
+
+
+_tag_compile_caches()
 
 __all__ = ["HAS_TRITON", "interpreting", "launch_counts", "reset_launch_counts"]

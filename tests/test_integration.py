@@ -187,3 +187,16 @@ def test_ddp_gradients_equal_single_process():
     assert averaged.keys() == single.keys()
     for name, grad in single.items():
         assert rel_err(averaged[name], grad) <= 1e-5, name
+
+
+def test_compile_caches_are_keyed_by_the_op_sources():
+    """A warm torch.compile cache must not serve a graph built against other fastmae op code."""
+    import hashlib
+    import pathlib
+
+    import fastmae.kernels
+
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(fastmae.kernels.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    assert f"fastmae-{digest.hexdigest()[:16]}" in torch.compiler.config.cache_key_tag

@@ -69,14 +69,19 @@ def check_noise(noise, batch: int, num_patches: int, device: torch.device) -> No
         raise ValueError(f"noise is on {noise.device}, the images are on {device}")
 
 
-def check_ids(ids, name: str, batch: int, length: int, device: torch.device) -> None:
+def check_ids(ids, name: str, batch: int, device: torch.device, max_length=None) -> int:
+    """ids must be an int64/int32 ``[batch, T]`` tensor on ``device`` (T <= max_length if
+    given); returns T."""
     check_tensor(ids, name)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 or int32 tensor, got {ids.dtype}")
-    if tuple(ids.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape [{batch}, {length}], got {tuple(ids.shape)}")
+    too_long = max_length is not None and ids.dim() == 2 and ids.shape[1] > max_length
+    if ids.dim() != 2 or ids.shape[0] != batch or too_long:
+        bound = "" if max_length is None else f" with T <= {max_length}"
+        raise ValueError(f"{name} must have shape [{batch}, T]{bound}, got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device}, expected {device}")
+    return ids.shape[1]
 
 
 def check_shape(value, name: str, expected: tuple[int, ...]) -> None:

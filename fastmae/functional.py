@@ -60,9 +60,7 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     n, _, height, img_width = imgs.shape
     _checks.check_divisible(height, img_width, (ph, pw))
     num_patches = (height // ph) * (img_width // pw)
-    _checks.check_ids(
-        ids_keep, "ids_keep", n, ids_keep.shape[1] if ids_keep.dim() == 2 else -1, imgs.device
-    )
+    _checks.check_ids(ids_keep, "ids_keep", n, imgs.device, max_length=num_patches)
     _checks.check_shape(bias, "bias", (width,))
     _checks.check_shape(cls_token, "cls_token", (1, 1, width))
     _checks.check_shape(pos_embed, "pos_embed", (1, num_patches + 1, width))
@@ -82,8 +80,7 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
     if x.dim() != 3:
         raise ValueError(f"x must be [N, 1+K, D], got shape {tuple(x.shape)}")
     n, _, width = x.shape
-    length = ids_restore.shape[1] if ids_restore.dim() == 2 else -1
-    _checks.check_ids(ids_restore, "ids_restore", n, length, x.device)
+    length = _checks.check_ids(ids_restore, "ids_restore", n, x.device)
     if x.shape[1] > length + 1:
         raise ValueError(f"x holds {x.shape[1] - 1} tokens after cls, more than L={length}")
     _checks.check_shape(mask_token, "mask_token", (1, 1, width))

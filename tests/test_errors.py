@@ -102,3 +102,14 @@ def test_functional_unshuffle_rejects_bad_ids():
 def test_backend_switch_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
         fastmae.set_backend("cuda")
+
+
+def test_functional_embed_rejects_bad_ids():
+    imgs, weight = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4)
+    args = (weight, torch.zeros(6), torch.zeros(1, 1, 6), torch.zeros(1, 5, 6))
+    with pytest.raises(TypeError, match=r"ids_keep must be a torch.Tensor, got list"):
+        functional.embed_visible_patches(imgs, [[0, 1]], *args)
+    with pytest.raises(
+        ValueError, match=r"ids_keep must have shape \[2, T\] with T <= 4, got \(2, 5\)"
+    ):
+        functional.embed_visible_patches(imgs, torch.zeros(2, 5, dtype=torch.long), *args)

@@ -39,7 +39,7 @@ def ptr(dtype):
 
 def kernel_specs(width: int):
     """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes."""
-    loss_block = block_size(PIXELS, 1 << 16)
+    loss_block = loss._patch_block(PIXELS)
     image = dict(C=CHANS, H=IMG, W=IMG, grid_w=IMG // PATCH)
     specs = [
         (

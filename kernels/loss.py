@@ -16,6 +16,16 @@ from ._triton import block_size, launch, tl, triton, warps_for
 from .patchify import _patch_corner, _patch_offsets, gather_patches, scatter_patches
 
 EPS = 1e-6
+MAX_PATCH_PIXELS = 1 << 16  # one patch is one block of a program
+
+
+def _patch_block(pixels: int) -> int:
+    if pixels > MAX_PATCH_PIXELS:
+        raise ValueError(
+            f"the fused loss kernels hold a patch in one block, at most {MAX_PATCH_PIXELS} "
+            f"pixels; got {pixels} (use FASTMAE_BACKEND=torch for such patches)"
+        )
+    return block_size(pixels, MAX_PATCH_PIXELS)
 
 
 @triton.jit
@@ -166,7 +176,7 @@ def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
         return _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd)
     patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
     if patch_loss.numel():
-        block = block_size(pixels, 1 << 16)
+        block = _patch_block(pixels)
         launch(
             _masked_loss_fwd_kernel,
             (n * length,),
@@ -238,7 +248,7 @@ def _loss_backward(
         grad_pred = torch.empty_like(pred)
         grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
         if pred.numel():
-            block = block_size(pixels, 1 << 16)
+            block = _patch_block(pixels)
             launch(
                 _masked_loss_bwd_kernel,
                 (n * length,),

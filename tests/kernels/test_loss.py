@@ -67,3 +67,11 @@ def test_low_precision_pred_has_fp32_statistics(dtype):
     assert torch.isfinite(loss) and rel_err(loss, ref) <= 1e-6
     loss.backward()
     assert pred.grad.dtype == dtype and torch.isfinite(pred.grad).all()
+
+
+def test_patch_too_large_for_one_block_is_refused():
+    from fastmae.kernels import loss
+
+    with pytest.raises(ValueError, match=r"at most 65536 pixels; got 65537"):
+        loss._patch_block(65537)
+    assert loss._patch_block(768) == 1024

@@ -146,7 +146,9 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed, us
     width = weight.shape[0]
     patch_size = list(weight.shape[2:])
     pixels = gather_patches_op(imgs, ids_keep, patch_size, False, use_triton)
-    tokens = torch.addmm(bias, pixels.view(n * keep, -1), weight.reshape(width, -1).t())
+    tokens = torch.addmm(
+        bias, pixels.view(n * keep, pixels.shape[-1]), weight.reshape(width, -1).t()
+    )
     return add_positions_op(
         tokens.view(n, keep, width),
         ids_keep,

@@ -123,3 +123,14 @@ def test_state_dict_loads_both_ways():
     assert not other.load_state_dict(fused.state_dict(), strict=True).missing_keys
     for a, b in zip(other.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_no_kept_patch_at_all(backend, fresh_seed):
+    # L = 4 with ratio 0.9 keeps int(0.4) = 0 patches: the encoder sees the cls token alone.
+    ref, fused = twin_models(**dict(img_size=4, patch_size=2, in_chans=3))
+    imgs = torch.randn(3, 3, 4, 4)
+    ref_out, fused_out = run(ref, imgs, 0.9, fresh_seed), run(fused, imgs, 0.9, fresh_seed)
+    assert torch.equal(fused_out[2], torch.ones(3, 4)) and torch.equal(ref_out[2], fused_out[2])
+    assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
+    for name, grad in ref_out[3].items():
+        assert rel_err(fused_out[3][name], grad) <= 1e-5, name

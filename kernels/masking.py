@@ -78,11 +78,15 @@ def _masking_triton(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype)
     return ids_keep, ids_restore, mask
 
 
+def inverse_permutation(ids: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse of permutations ``ids [N, L]`` by one scatter (not a second argsort)."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return torch.empty_like(ids).scatter_(1, ids, positions)
+
+
 def _masking_torch(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
-    # One sort; the inverse permutation is a scatter, not a second argsort.
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    positions = torch.arange(noise.shape[1], device=noise.device).expand_as(ids_shuffle)
-    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
+    ids_restore = inverse_permutation(ids_shuffle)
     mask = (ids_restore >= len_keep).to(mask_dtype)
     return ids_shuffle[:, :len_keep].contiguous(), ids_restore, mask
 

@@ -13,6 +13,7 @@ atomics, so two runs give bit-identical ``mask_token`` gradients.
 import torch
 
 from ._triton import block_size, launch, tl, triton
+from .masking import inverse_permutation
 
 
 @triton.jit
@@ -143,9 +144,7 @@ def _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton):
     n, length_plus_one, width = grad_out.shape
     length = length_plus_one - 1
     if not use_triton:
-        # Inverse permutation by a scatter: the original position of each rank.
-        positions = torch.arange(length, device=grad_out.device).expand(n, length)
-        ids_shuffle = torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)
+        ids_shuffle = inverse_permutation(ids_restore)  # the original position of each rank
         kept_rows = ids_shuffle[:, :keep, None].expand(-1, -1, width)
         grad_x = torch.cat([grad_out[:, :1], grad_out[:, 1:].gather(1, kept_rows)], dim=1)
         is_masked = (ids_restore >= keep)[..., None]

@@ -1,7 +1,6 @@
 """fastmae in real training setups: torch.compile, autocast, DDP, and no host synchronisation."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -146,15 +145,17 @@ def test_no_host_synchronisation_in_a_step():
     assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ddp_worker(rank, world, workdir, state, imgs, noise):
+    """One DDP rank; rank 0 writes its parameter gradients to ``workdir/grads.pt``.
 
-
-def ddp_worker(rank, world, port, state, imgs, noise, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    The rendezvous is a FileStore in ``workdir`` rather than a TCP port: a port chosen before
+    spawning can be taken by the time the workers bind it, and a TCPStore server owned by rank 0
+    can go away while rank 1 still talks to it. The closing barrier makes both ranks finish
+    every collective before either tears gloo down, so neither exits with gloo threads alive
+    (which ended a worker in std::terminate about once in ten runs).
+    """
+    store = dist.FileStore(os.path.join(workdir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         model = fastmae.MaskedAutoencoderViT(**CONFIG)
         model.load_state_dict(state)
@@ -164,26 +165,24 @@ def ddp_worker(rank, world, port, state, imgs, noise, results):
         loss_value, _, _ = ddp(imgs[rows], mask_ratio=0.75, noise=noise[rows])
         loss_value.backward()
         if rank == 0:
-            results.update(
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            )
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            torch.save(grads, os.path.join(workdir, "grads.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process():
+def test_ddp_gradients_equal_single_process(tmp_path):
     _, fused = twins()
     imgs, noise = torch.randn(4, 3, 8, 12), torch.rand(4, 24)
     single = step(fused, imgs, noise)[3]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(
-            ddp_worker,
-            args=(2, free_port(), fused.state_dict(), imgs, noise, results),
-            nprocs=2,
-            join=True,
-        )
-        averaged = dict(results)
+    mp.spawn(
+        ddp_worker,
+        args=(2, str(tmp_path), fused.state_dict(), imgs, noise),
+        nprocs=2,
+        join=True,
+    )
+    averaged = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert averaged.keys() == single.keys()
     for name, grad in single.items():
         assert rel_err(averaged[name], grad) <= 1e-5, name

@@ -122,24 +122,50 @@ def _load_path(path: str) -> dict:
             f"{path} holds neither model.safetensors nor pytorch_model.bin; it holds "
             f"{sorted(os.listdir(path))}"
         )
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError as error:
             raise ImportError(f"reading {path} needs the safetensors package") from error
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors' own error type differs between versions
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+    with open(path, "rb") as file:
+        head = file.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+).
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ValueError(
+            f"{path} is not a checkpoint: neither a zip archive nor a pickle as torch.save "
+            f"writes (it starts with {head!r})"
+        )
     # Official training checkpoints pickle an argparse.Namespace: allow exactly that.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            refused = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
+            refused = _REFUSED_GLOBAL.search(str(error))
+            if refused is None:
+                raise ValueError(f"{path} is corrupt or truncated: {_first_line(error)}") from None
             raise ValueError(
-                f"{path} holds pickled objects that are not safe to load "
-                f"({refused.group(0) if refused else error}). If you trust "
-                "the file, load it yourself with torch.load(path, weights_only=False) and pass the "
-                "resulting dict to load_checkpoint."
-            ) from error
+                f"{path} holds a pickled {refused.group(1)}, which load_checkpoint refuses to "
+                "unpickle; only if you trust the file, load it with torch.load(path, "
+                "weights_only=False), which runs code from the file, and pass the dict here"
+            ) from None
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
+            raise ValueError(f"{path} is corrupt or truncated: {_first_line(error)}") from None
+
+
+# torch's refusal of a global: "Unsupported global: GLOBAL a.b ..." (torch <= 2.12) or
+# "Trying to load unsupported GLOBAL a.b whose module ..." (torch 2.13).
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 def _is_decoder_key(key: str) -> bool:

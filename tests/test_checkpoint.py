@@ -208,11 +208,64 @@ class NotAWeight:
     pass
 
 
-def test_unsafe_pickle_is_refused(tmp_path):
+def test_unsafe_pickle_is_refused_in_one_line(tmp_path):
     path = tmp_path / "unsafe.pth"
     torch.save({"model": {}, "payload": NotAWeight()}, path)
-    with pytest.raises(ValueError, match="not safe to load .* weights_only=False"):
+    with pytest.raises(ValueError) as error:
         load_checkpoint(fastmae.MaskedAutoencoderViT(**CONFIG), path)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert f"{path} holds a pickled tests.test_checkpoint.NotAWeight" in message
+    assert "weights_only=False), which runs code from the file" in message
+
+
+def truncated_zip(path):
+    torch.save({"model": fastmae.MaskedAutoencoderViT(**CONFIG).state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def truncated_legacy(path):
+    state = {"model": fastmae.MaskedAutoencoderViT(**CONFIG).state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "write,message",
+    [
+        (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\), not a checkpoint"),
+        (
+            lambda p: p.write_text("epoch 3, loss 0.41\n"),
+            r"not a checkpoint: .* starts with b'epoc'",
+        ),
+        (
+            lambda p: p.write_bytes(b"\x17" + bytes(range(256)) * 4),
+            r"not a checkpoint: neither a zip archive nor a pickle",
+        ),
+        (lambda p: p.write_bytes(b"\x80" + bytes(range(255, 0, -1)) * 4), r"corrupt or truncated"),
+        (truncated_zip, r"corrupt or truncated: (RuntimeError|OSError): "),
+        (truncated_legacy, r"corrupt or truncated: RuntimeError: unexpected EOF"),
+        (lambda p: p.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"), r"safetensors"),
+    ],
+    ids=[
+        "empty",
+        "text",
+        "random-bytes",
+        "pickle-garbage",
+        "truncated-zip",
+        "truncated-legacy",
+        "bad-safetensors",
+    ],
+)
+def test_files_that_are_not_checkpoints(tmp_path, write, message):
+    suffix = ".safetensors" if "safetensors" in message else ".pth"
+    path = tmp_path / f"file{suffix}"
+    write(path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_checkpoint(fastmae.MaskedAutoencoderViT(**CONFIG), path)
+    assert str(path) in str(error.value)
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import re
 import subprocess
@@ -33,6 +34,10 @@ KEEP = int(LENGTH * 0.25)
 PIXELS = PATCH * PATCH * CHANS
 
 
+# The model's pred is the slice x[:, 1:] of the decoder output [N, 1+L, P]: read with strides.
+PRED_STRIDES = dict(stride_n=(LENGTH + 1) * PIXELS, stride_l=PIXELS, stride_p=1)
+
+
 def ptr(dtype):
     return ("ptr", dtype)
 
@@ -43,19 +48,20 @@ def kernel_specs(width: int):
     image = dict(C=CHANS, H=IMG, W=IMG, grid_w=IMG // PATCH)
     specs = [
         (
-            "masking",
+            f"masking{'' if dtype == 'fp32' else ' (bf16 noise, mask)'}",
             masking._masking_kernel,
             dict(
                 ids_keep_ptr=ptr("i64"),
                 ids_restore_ptr=ptr("i64"),
-                mask_ptr=ptr("fp32"),
-                noise_ptr=ptr("fp32"),
+                mask_ptr=ptr(dtype),
+                noise_ptr=ptr(dtype),
                 L=LENGTH,
                 K=KEEP,
             ),
             dict(BLOCK_Q=block_size(LENGTH, 64), BLOCK_K=block_size(LENGTH, 64)),
             4,
-        ),
+        )
+        for dtype in ("fp32", "bf16")
     ]
     tiles = patchify.tile_config(CHANS, (PATCH, PATCH))
     tile_warps = tiles.pop("num_warps")
@@ -98,6 +104,7 @@ def kernel_specs(width: int):
                 cls_ptr=ptr("fp32"),
                 pos_ptr=ptr("fp32"),
                 K=KEEP,
+                L=LENGTH,
                 D=width,
             ),
             dict(BLOCK_T=16, BLOCK_D=embed_block_d),
@@ -148,6 +155,7 @@ def kernel_specs(width: int):
                 loss._masked_loss_fwd_kernel,
                 dict(
                     patch_loss_ptr=ptr("fp32"),
+                    patch_mse_ptr=ptr("fp32"),
                     mean_ptr=ptr("fp32"),
                     rstd_ptr=ptr("fp32"),
                     pred_ptr=ptr("bf16"),
@@ -156,9 +164,10 @@ def kernel_specs(width: int):
                     L=LENGTH,
                     **image,
                     P=PIXELS,
+                    **PRED_STRIDES,
                     eps=("fp32", loss.EPS),
                 ),
-                dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix, BLOCK=loss_block),
+                dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix, ALL_PATCHES=False, BLOCK=loss_block),
                 warps_for(loss_block),
             )
         )
@@ -178,6 +187,7 @@ def kernel_specs(width: int):
                     L=LENGTH,
                     **image,
                     P=PIXELS,
+                    **PRED_STRIDES,
                 ),
                 dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix, GRAD_IMGS=False, BLOCK=loss_block),
                 warps_for(loss_block),
@@ -187,8 +197,12 @@ def kernel_specs(width: int):
 
 
 def compile_kernel(kernel, args, constexprs, num_warps, arch):
-    """Compile for ``sm_<arch>``; returns the CompiledKernel."""
+    """Compile for ``sm_<arch>``; returns the CompiledKernel. Speaks each Triton's ASTSource:
+    3.0-3.1 take ``constants`` and an ``AttrsDescriptor`` of argument indices, later ones a
+    ``constexpr`` signature entry per constant and ``tt.divisibility`` attributes, under the
+    keyword ``constants`` (up to 3.2's successors) or ``constexprs`` (3.9)."""
     signature, attrs, constants = {}, {}, dict(constexprs)
+    divisible, ones = set(), set()
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -196,20 +210,36 @@ def compile_kernel(kernel, args, constexprs, num_warps, arch):
         value = args[name]
         if isinstance(value, tuple) and value[0] == "ptr":
             signature[name] = "*" + value[1]
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            divisible.add(index)
         elif isinstance(value, tuple):
             signature[name] = value[0]
         elif value == 1:  # the launcher turns a 1 into a constant
-            signature[name] = "constexpr"
+            signature[name] = "i32" if _LEGACY_ATTRS else "constexpr"
             constants[name] = 1
+            ones.add(index)
         else:
             signature[name] = "i32"
             if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+                divisible.add(index)
+    if _LEGACY_ATTRS:
+        signature = {name: kind for name, kind in signature.items() if kind != "constexpr"}
+        attrs = _LEGACY_ATTRS(divisible_by_16=divisible, equal_to_1=ones)
+    else:
+        attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
+    keyword = "constexprs" if "constexprs" in _AST_SOURCE_PARAMETERS else "constants"
+    source = ASTSource(kernel, signature, **{keyword: constants}, attrs=attrs)
     return triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
     )
+
+
+_AST_SOURCE_PARAMETERS = inspect.signature(ASTSource.__init__).parameters
+try:  # Triton 3.0-3.1: attributes as a dataclass of argument indices
+    from triton.compiler.compiler import AttrsDescriptor as _Attrs
+
+    _LEGACY_ATTRS = _Attrs if "divisible_by_16" in getattr(_Attrs, "__annotations__", {}) else None
+except ImportError:
+    _LEGACY_ATTRS = None
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 
@@ -50,13 +51,25 @@ def check_divisible(height: int, width: int, patch_size: tuple[int, int]) -> Non
         )
 
 
+def mask_ratio_value(mask_ratio) -> float:
+    """mask_ratio as a float in [0, 1). Like the official ``int(L * (1 - mask_ratio))`` it takes
+    any real number: a Python or numpy scalar, or a 0-dim tensor (read on the host)."""
+    value = mask_ratio
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
+    value = float(value)
+    if not 0 <= value < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {value}")
+    return value
+
+
 def len_keep(num_patches: int, mask_ratio) -> int:
     """Number of kept patches, ``int(L * (1 - mask_ratio))`` exactly as the official code."""
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
-        raise TypeError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
-    if not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return int(num_patches * (1 - mask_ratio))
+    return int(num_patches * (1 - mask_ratio_value(mask_ratio)))
 
 
 def check_noise(noise, batch: int, num_patches: int, device: torch.device) -> None:
@@ -100,3 +113,27 @@ def check_patch_rows(x, patch_size: tuple[int, int], grid_size: tuple[int, int])
             f"got shape {tuple(x.shape)}"
         )
     return x.shape[2] // (ph * pw)
+
+
+def check_index_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool) -> None:
+    """Every entry of ``ids [N, T]`` lies in ``[0, upper)``, and, with ``distinct``, no row holds
+    a value twice. Reads ``ids`` on the host: a synchronisation on CUDA."""
+    if ids.numel() == 0:
+        return
+    outside = (ids < 0) | (ids >= upper)
+    if outside.any():
+        row, col = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(
+            f"{op}: {name}[{row}, {col}] = {int(ids[row, col])} is outside [0, {upper})"
+        )
+    if not distinct:
+        return
+    ordered, order = ids.sort(dim=1, stable=True)
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if repeated.any():
+        row, col = (int(i) for i in repeated.nonzero()[0])
+        first, second = int(order[row, col]), int(order[row, col + 1])
+        raise ValueError(
+            f"{op}: {name}[{row}] holds {int(ordered[row, col])} twice (at columns {first} and "
+            f"{second}); its entries must be distinct"
+        )

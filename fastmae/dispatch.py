@@ -7,6 +7,9 @@ Backends:
 - ``"triton"``: always the Triton kernels; an error where they cannot run.
 - ``"torch"``: always the vectorised torch version of the same fused algorithm.
 
+float64 inputs take the torch path under every backend: the kernels keep float32 statistics,
+and the torch path computes float64 in float64, so ``model.double()`` is exact.
+
 Choose with the environment variable ``FASTMAE_BACKEND``, with :func:`set_backend`, or for a
 block of code with ``with fastmae.use_backend("torch"):``.
 """
@@ -64,7 +67,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             and all(t.dtype != torch.bfloat16 for t in tensors)
         )
     )
-    if _backend == "torch":
+    if _backend == "torch" or any(t.dtype == torch.float64 for t in tensors):
         return False
     if _backend == "triton" and not runnable:
         raise RuntimeError(

@@ -1,7 +1,16 @@
 """The fused MAE ops as functions: validated inputs, backend dispatch, autograd.
 
-Each op equals the official op sequence (see :mod:`fastmae.reference`) to float32 rounding, has
-a backward, and makes no host synchronisation on the Triton path.
+Each op equals the official op sequence (see :mod:`fastmae.reference`) to float32 rounding
+(float64 inputs are computed in float64), has a backward, and makes no host synchronisation on
+the Triton path.
+
+Index arguments (``ids_keep``, ``ids_restore``) are checked by value by default: in range, and
+distinct (``ids_keep``) or a permutation (``ids_restore``). That check reads the ids on the host,
+a synchronisation on CUDA that also breaks CUDA-graph capture and adds a graph break under
+torch.compile. Pass ``validate_ids=False`` for ids you made yourself (the model does, with the
+ids its masking just produced). Unchecked ids are still memory-safe: every kernel masks its
+accesses, and an id outside ``[0, L)`` contributes zeros; but repeated ids then give a wrong
+backward, since each op's backward writes each kept row once.
 """
 
 from __future__ import annotations
@@ -43,12 +52,15 @@ def random_masking_indices(noise: torch.Tensor, len_keep: int):
     return masking_forward(noise, len_keep, use_triton(noise))
 
 
-def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
+def embed_visible_patches(
+    imgs, ids_keep, weight, bias, cls_token, pos_embed, *, validate_ids: bool = True
+):
     """Encoder input from the kept patches: ``[N, 1+K, D]``, cls token first.
 
-    imgs ``[N, C, H, W]`` float; ids_keep ``[N, K]`` int64 (row-major patch indices); weight
-    ``[D, C, ph, pw]`` and bias ``[D]`` of the patch-embed conv; cls_token ``[1, 1, D]``;
-    pos_embed ``[1, 1+L, D]``. Equals conv, ``+ pos_embed[:, 1:]``, gather, prepend cls.
+    imgs ``[N, C, H, W]`` float; ids_keep ``[N, K]`` int64 (row-major patch indices, distinct
+    within a row); weight ``[D, C, ph, pw]`` and bias ``[D]`` of the patch-embed conv; cls_token
+    ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``. Equals conv, ``+ pos_embed[:, 1:]``, gather,
+    prepend cls. ``validate_ids=False`` skips the value check of ids_keep (a host sync).
     """
     _checks.check_images(imgs, None, None)
     _checks.check_tensor(weight, "weight")
@@ -64,17 +76,22 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     _checks.check_shape(bias, "bias", (width,))
     _checks.check_shape(cls_token, "cls_token", (1, 1, width))
     _checks.check_shape(pos_embed, "pos_embed", (1, num_patches + 1, width))
+    if validate_ids:
+        _checks.check_index_values(
+            "embed_visible_patches", "ids_keep", ids_keep, num_patches, distinct=True
+        )
     triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
     return _embed_visible_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
     )
 
 
-def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
+def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, *, validate_ids: bool = True):
     """Decoder input ``[N, 1+L, D]``: each position's kept token or mask_token, + pos_embed.
 
-    x ``[N, 1+K, D]`` (cls first); ids_restore ``[N, L]`` int64 from the masking; mask_token
-    ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``.
+    x ``[N, 1+K, D]`` (cls first); ids_restore ``[N, L]`` int64 from the masking, a permutation
+    of ``0..L-1`` in each row; mask_token ``[1, 1, D]``; pos_embed ``[1, 1+L, D]``.
+    ``validate_ids=False`` skips the value check of ids_restore (a host sync).
     """
     _checks.check_tensor(x, "x")
     if x.dim() != 3:
@@ -85,6 +102,10 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
         raise ValueError(f"x holds {x.shape[1] - 1} tokens after cls, more than L={length}")
     _checks.check_shape(mask_token, "mask_token", (1, 1, width))
     _checks.check_shape(pos_embed, "pos_embed", (1, length + 1, width))
+    if validate_ids:
+        _checks.check_index_values(
+            "unshuffle_tokens", "ids_restore", ids_restore, length, distinct=True
+        )
     triton_path = use_triton(x, mask_token, pos_embed)
     return unshuffle_op(
         x,
@@ -115,8 +136,11 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
     """MAE loss: per-patch MSE against the (normalised) target pixels, mean over removed patches.
 
-    imgs ``[N, C, H, W]``; pred ``[N, L, ph*pw*C]`` fp32/bf16/fp16; mask ``[N, L]`` (1 = removed,
-    any weights allowed). Returns a 0-dim tensor; 0 when no patch is removed.
+    imgs ``[N, C, H, W]``; pred ``[N, L, ph*pw*C]`` fp32/bf16/fp16/fp64, any strides; mask
+    ``[N, L]`` (1 = removed; any real weights). Returns the official
+    ``(mse * mask).sum() / mask.sum()`` as a 0-dim tensor, differentiable in imgs, pred and
+    mask; 0 when the mask sums to exactly 0. Patches of weight 0 are not read, so a NaN there
+    does not reach the loss (unless mask requires grad: its gradient needs every patch's MSE).
     """
     patch_size = to_2tuple(patch_size, "patch_size")
     _checks.check_images(imgs, None, None)

@@ -1,9 +1,9 @@
 """Pure-PyTorch MAE, faithful to facebookresearch/mae's models_mae.py: the oracle for every test.
 
 Beyond the official code it takes any ``in_chans``, ``(H, W)`` image and patch sizes, and an
-optional ``noise [N, L]`` in ``forward`` (as Hugging Face ViTMAE does). The one deliberate
-difference: a loss over zero masked patches (``mask_ratio=0``) is 0 here, where the official
-``sum / mask.sum()`` gives NaN.
+optional ``noise [N, L]`` in ``forward`` (as Hugging Face ViTMAE does). Its deliberate
+differences: a loss over a mask that sums to 0 (``mask_ratio=0``) is 0 here, where the official
+``sum / mask.sum()`` gives NaN, and ``mask_ratio`` must lie in ``[0, 1)``.
 
 The model is also the base class of the fused drop-in: the two share every module, the
 initialisation and the transformer blocks, and differ only in the steps the official code
@@ -13,6 +13,7 @@ spells out as tensor shuffling (``_embed_and_mask``, ``_unshuffle``, ``forward_l
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -49,6 +50,12 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
     return x.reshape(n, c, h * ph, w * pw)
 
 
+def draw_noise(batch: int, length: int, device) -> torch.Tensor:
+    """The official mask draw, ``torch.rand(N, L)`` on the images' device, made right after the
+    patch embedding: the same call in the same place, so a seed gives the official mask."""
+    return torch.rand(batch, length, device=device)
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Per-sample random masking by argsort of noise, as the official code.
 
@@ -59,7 +66,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     n, length, width = x.shape
     keep = _checks.len_keep(length, mask_ratio)
     if noise is None:
-        noise = torch.rand(n, length, device=x.device)
+        noise = draw_noise(n, length, x.device)
     else:
         _checks.check_noise(noise, n, length, x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -85,7 +92,8 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
     """Mean squared error per patch, averaged over the removed patches (mask 1).
 
     With ``norm_pix_loss`` the target patch is normalised by its mean and unbiased variance
-    (+1e-6). A mask with no removed patch gives 0 (the official code gives NaN).
+    (+1e-6). A mask that sums to exactly 0 (no removed patch) gives 0 where the official code
+    gives NaN; any other real mask, negative weights too, gives the official value.
     """
     target = patchify(imgs, patch_size)
     if norm_pix_loss:
@@ -94,7 +102,9 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
     mask_sum = mask.sum()
-    return (loss * mask).sum() / torch.where(mask_sum > 0, mask_sum, torch.ones_like(mask_sum))
+    nonzero_sum = mask_sum != 0
+    loss = (loss * mask).sum() / torch.where(nonzero_sum, mask_sum, torch.ones_like(mask_sum))
+    return torch.where(nonzero_sum, loss, torch.zeros_like(loss))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,13 +195,13 @@ class MaskedAutoencoderViT(nn.Module):
     # -- the steps that the fused drop-in replaces ---------------------------------------------
 
     def patchify(self, imgs):
-        """imgs ``[N, C, H, W]`` -> ``[N, L, p*p*C]``."""
-        self._check_images(imgs)
+        """imgs ``[N, C, H, W]`` (any size the patch divides) -> ``[N, L, p*p*C]``."""
+        self._check_channels(imgs)
         return patchify(imgs, self.patch_embed.patch_size)
 
     def unpatchify(self, x):
-        """``[N, L, p*p*C]`` -> imgs ``[N, C, H, W]``."""
-        return unpatchify(x, self.patch_embed.patch_size, self.patch_embed.grid_size)
+        """``[N, L, p*p*C]`` -> imgs ``[N, C, H, W]``; the grid is the model's, or square."""
+        return unpatchify(x, self.patch_embed.patch_size, self._grid_of(x))
 
     def random_masking(self, x, mask_ratio, noise=None):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore [N, L])``."""
@@ -219,6 +229,25 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _check_images(self, imgs):
         _checks.check_images(imgs, self.patch_embed.in_chans, self.patch_embed.img_size)
+
+    def _check_channels(self, imgs):
+        _checks.check_images(imgs, self.patch_embed.in_chans, None)
+
+    def _grid_of(self, x) -> tuple[int, int]:
+        """The patch grid of patch rows ``x [N, L, P]``: the model's for its own L, else square
+        (the official ``h = w = int(L**.5)``, used on images of other sizes)."""
+        _checks.check_floating(x, "x")
+        length = x.shape[1] if x.dim() == 3 else -1
+        if length == self.patch_embed.num_patches:
+            return self.patch_embed.grid_size
+        side = math.isqrt(max(length, 0))
+        if side * side != length:
+            raise ValueError(
+                f"x must be [N, L, P] with L = {self.patch_embed.num_patches} (the model's "
+                f"{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]} grid) or a "
+                f"square number, got shape {tuple(x.shape)}"
+            )
+        return side, side
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs ``[N, C, H, W]`` -> latent ``[N, 1+K, D]``, mask and ids_restore ``[N, L]``."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -47,6 +49,12 @@ def launch_counts() -> dict[str, int]:
 
 def reset_launch_counts() -> None:
     _LAUNCHES.clear()
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 where any input is float64 (computed exactly there, on the torch path), else the
+    float32 that every kernel accumulates and keeps statistics in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def block_size(width: int, cap: int = 1024) -> int:

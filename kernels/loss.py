@@ -12,7 +12,7 @@ and no host synchronisation (an all-kept mask gives 0 through ``where``, not a b
 
 import torch
 
-from ._triton import block_size, launch, tl, triton, warps_for
+from ._triton import accumulation_dtype, block_size, launch, tl, triton, warps_for
 from .patchify import _patch_corner, _patch_offsets, gather_patches, scatter_patches
 
 EPS = 1e-6
@@ -43,7 +43,7 @@ def _load_target(
     BLOCK: tl.constexpr,
 ):
     """One patch's pixels in (i, j, c) order as fp32, their offsets in imgs and validity."""
-    corner = _patch_corner(patch_row, imgs_ptr, L, C, H, W, grid_w, PH, PW, False)
+    corner, _ = _patch_corner(patch_row, imgs_ptr, L, C, H, W, grid_w, PH, PW, False)
     element = tl.arange(0, BLOCK)
     valid = element < P
     offsets = corner + _patch_offsets(element, C, H, W, PH, PW, True)
@@ -52,11 +52,20 @@ def _load_target(
 
 
 @triton.jit
+def _pred_row(pred_ptr, patch_row, L, stride_n, stride_l, stride_p, BLOCK: tl.constexpr):
+    """Pointers to the P values of patch ``patch_row`` (= n*L + l) of a strided pred: the
+    model's pred is the slice ``x[:, 1:]`` of the decoder output, read without a copy."""
+    image, patch = patch_row // L, patch_row % L
+    return pred_ptr + image * stride_n + patch * stride_l + tl.arange(0, BLOCK) * stride_p
+
+
+@triton.jit
 def _masked_loss_fwd_kernel(
-    patch_loss_ptr,  # [N*L] fp32 out: mask * mean squared error of each patch
-    mean_ptr,  # [N*L] fp32 out: target mean (written where mask != 0 and NORM_PIX)
+    patch_loss_ptr,  # [N*L] fp32 out: mask * mean squared error of each patch (0 where mask 0)
+    patch_mse_ptr,  # [N*L] fp32 out: mean squared error of every patch (only if ALL_PATCHES)
+    mean_ptr,  # [N*L] fp32 out: target mean (written where the patch is read and NORM_PIX)
     rstd_ptr,  # [N*L] fp32 out: 1 / sqrt(var + eps)
-    pred_ptr,  # [N, L, P]
+    pred_ptr,  # [N, L, P] with strides (stride_n, stride_l, stride_p)
     imgs_ptr,  # [N, C, H, W]
     mask_ptr,  # [N, L]
     L,
@@ -65,16 +74,21 @@ def _masked_loss_fwd_kernel(
     W,
     grid_w,
     P,
+    stride_n,
+    stride_l,
+    stride_p,
     eps,
     PH: tl.constexpr,
     PW: tl.constexpr,
     NORM_PIX: tl.constexpr,
+    ALL_PATCHES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Grid ``(N*L,)``: one patch per program, all P pixels in one block."""
+    """Grid ``(N*L,)``: one patch per program, all P pixels in one block. Reads the patches whose
+    weight is nonzero, or every patch with ALL_PATCHES (the mask's gradient needs each MSE)."""
     patch_row = tl.program_id(0).to(tl.int64)
     weight = tl.load(mask_ptr + patch_row).to(tl.float32)
-    if weight != 0:
+    if (weight != 0) | ALL_PATCHES:
         target, _, valid = _load_target(imgs_ptr, patch_row, L, C, H, W, grid_w, P, PH, PW, BLOCK)
         if NORM_PIX:
             mean = tl.sum(target, axis=0) / P
@@ -84,19 +98,24 @@ def _masked_loss_fwd_kernel(
             target = centered * rstd
             tl.store(mean_ptr + patch_row, mean)
             tl.store(rstd_ptr + patch_row, rstd)
-        pred = tl.load(pred_ptr + patch_row * P + tl.arange(0, BLOCK), mask=valid, other=0.0)
+        pred_row = _pred_row(pred_ptr, patch_row, L, stride_n, stride_l, stride_p, BLOCK)
+        pred = tl.load(pred_row, mask=valid, other=0.0)
         diff = tl.where(valid, pred.to(tl.float32) - target, 0.0)
-        tl.store(patch_loss_ptr + patch_row, weight * (tl.sum(diff * diff, axis=0) / P))
+        mse = tl.sum(diff * diff, axis=0) / P
+        if ALL_PATCHES:
+            tl.store(patch_mse_ptr + patch_row, mse)
+        # A patch of weight 0 adds 0 even when its MSE is not finite: it is not part of the loss.
+        tl.store(patch_loss_ptr + patch_row, tl.where(weight != 0, weight * mse, 0.0))
     else:
         tl.store(patch_loss_ptr + patch_row, 0.0)
 
 
 @triton.jit
 def _masked_loss_bwd_kernel(
-    grad_pred_ptr,  # [N, L, P] out: zeros at kept patches
+    grad_pred_ptr,  # [N, L, P] out, contiguous: zeros at kept patches
     grad_imgs_ptr,  # [N, C, H, W] out, zero-initialised (written only when GRAD_IMGS)
-    scale_ptr,  # [1] fp32: 2 * grad_loss / (P * sum(mask)), sum(mask) taken as 1 when 0
-    pred_ptr,  # [N, L, P]
+    scale_ptr,  # [1] fp32: 2 * grad_loss / (P * sum(mask)), 0 when sum(mask) is 0
+    pred_ptr,  # [N, L, P] with strides (stride_n, stride_l, stride_p)
     imgs_ptr,  # [N, C, H, W]
     mask_ptr,  # [N, L]
     mean_ptr,  # [N*L] fp32 from the forward
@@ -107,6 +126,9 @@ def _masked_loss_bwd_kernel(
     W,
     grid_w,
     P,
+    stride_n,
+    stride_l,
+    stride_p,
     PH: tl.constexpr,
     PW: tl.constexpr,
     NORM_PIX: tl.constexpr,
@@ -118,7 +140,6 @@ def _masked_loss_bwd_kernel(
     patch_row = tl.program_id(0).to(tl.int64)
     weight = tl.load(mask_ptr + patch_row).to(tl.float32)
     element = tl.arange(0, BLOCK)
-    pred_row = pred_ptr + patch_row * P + element
     grad_row = grad_pred_ptr + patch_row * P + element
     if weight != 0:
         target, pixel_offsets, valid = _load_target(
@@ -127,6 +148,7 @@ def _masked_loss_bwd_kernel(
         if NORM_PIX:
             rstd = tl.load(rstd_ptr + patch_row)
             target = tl.where(valid, (target - tl.load(mean_ptr + patch_row)) * rstd, 0.0)
+        pred_row = _pred_row(pred_ptr, patch_row, L, stride_n, stride_l, stride_p, BLOCK)
         pred = tl.load(pred_row, mask=valid, other=0.0).to(tl.float32)
         grad = tl.load(scale_ptr) * weight * tl.where(valid, pred - target, 0.0)
         tl.store(grad_row, grad.to(grad_pred_ptr.dtype.element_ty), mask=valid)
@@ -148,32 +170,45 @@ def _masked_loss_bwd_kernel(
         )
 
 
-def _mask_denominator(mask: torch.Tensor) -> torch.Tensor:
-    """sum(mask) as fp32, replaced by 1 when it is 0 so that an all-kept mask gives loss 0."""
-    total = mask.sum(dtype=torch.float32)
-    return torch.where(total > 0, total, torch.ones_like(total))
+def _inverse_mask_sum(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / sum(mask), or 0 when the sum is exactly 0, so that such a mask gives loss 0 (the
+    official code gives NaN) and no gradient. Negative sums divide as the official code does."""
+    total = mask.sum(dtype=dtype)
+    return torch.where(total != 0, 1.0 / torch.where(total != 0, total, 1.0), 0.0)
 
 
-def _removed_targets(imgs, mask, pixels, patch_size):
-    """The removed patches (flat indices over N*L, weights) and their target pixels in fp32.
-    The torch path selects rows with ``nonzero``, which costs nothing on the CPU."""
-    removed = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    patches = gather_patches(imgs, None, patch_size, True, False).reshape(-1, pixels)
-    weight = mask.reshape(-1).index_select(0, removed).float()
-    return removed, weight, patches.index_select(0, removed).float()
+def _read_rows(imgs, pred, mask, patch_size, all_patches):
+    """The patch rows the loss reads (flat indices over N*L: weight nonzero, or all), and their
+    weights and targets in the accumulation dtype. The torch path selects rows with
+    ``nonzero``, which costs nothing on the CPU."""
+    dtype = accumulation_dtype(imgs, pred, mask)
+    flat_mask = mask.reshape(-1)
+    if all_patches:
+        rows = torch.arange(flat_mask.numel(), device=mask.device)
+    else:
+        rows = torch.nonzero(flat_mask).squeeze(1)
+    patches = gather_patches(imgs, None, patch_size, True, False).reshape(-1, pred.shape[-1])
+    target = patches.index_select(0, rows).to(dtype)
+    return rows, flat_mask.index_select(0, rows).to(dtype), target
 
 
-def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
-    """-> (sum over patches of mask * MSE, fp32 0-dim; target mean and rstd ``[N*L]`` fp32,
-    meaningful at removed patches with norm_pix)."""
-    imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
+def _loss_forward(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton):
+    """-> (sum over patches of mask * MSE, 0-dim; target mean and rstd ``[N*L]``, meaningful
+    at the patches read with norm_pix; the torch path's weighted residual ``[N*L, P]``; each
+    patch's MSE ``[N*L]`` with all_patches), all in the accumulation dtype."""
+    imgs, mask = imgs.contiguous(), mask.contiguous()
     n, c, height, width = imgs.shape
     ph, pw = patch_size
     length, pixels = pred.shape[1], pred.shape[2]
-    mean = torch.zeros(n * length, dtype=torch.float32, device=pred.device)
+    dtype = accumulation_dtype(imgs, pred, mask)
+    mean = torch.zeros(n * length, dtype=dtype, device=pred.device)
     rstd = torch.zeros_like(mean)
+    patch_mse = pred.new_empty(n * length if all_patches else 0, dtype=dtype)
     if not use_triton:
-        return _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd)
+        total, residual = _loss_forward_torch(
+            imgs, pred, mask, patch_size, norm_pix, all_patches, mean, rstd, patch_mse
+        )
+        return total, mean, rstd, residual, patch_mse
     patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
     if patch_loss.numel():
         block = _patch_block(pixels)
@@ -181,6 +216,7 @@ def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
             _masked_loss_fwd_kernel,
             (n * length,),
             patch_loss,
+            patch_mse,
             mean,
             rstd,
             pred,
@@ -192,37 +228,47 @@ def _loss_forward(imgs, pred, mask, patch_size, norm_pix, use_triton):
             width,
             width // pw,
             pixels,
+            *pred.stride(),
             EPS,
             PH=ph,
             PW=pw,
             NORM_PIX=norm_pix,
+            ALL_PATCHES=all_patches,
             BLOCK=block,
             num_warps=warps_for(block),
         )
-    return patch_loss.sum(), mean, rstd, pred.new_empty(0, 0, dtype=torch.float32)
+    residual = pred.new_empty(0, 0, dtype=torch.float32)
+    return patch_loss.sum(), mean, rstd, residual, patch_mse
 
 
-def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, mean, rstd):
-    """The torch path on the removed rows only; also returns the weighted residual
-    ``mask * (pred - target)`` as ``[N*L, P]`` fp32, so that its backward is one multiply."""
+def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, all_patches, mean, rstd, mse_out):
+    """The torch path on the rows read only; returns the loss sum and the weighted residual
+    ``mask * (pred - target)`` as ``[N*L, P]``, so that its backward is one multiply."""
     pixels = pred.shape[-1]
-    removed, weight, target = _removed_targets(imgs, mask, pixels, patch_size)
-    if norm_pix and removed.numel():
+    rows, weight, target = _read_rows(imgs, pred, mask, patch_size, all_patches)
+    if norm_pix and rows.numel():
         target_mean = target.mean(-1, keepdim=True)
         target = target - target_mean
         # Two passes over the centred rows: torch.var is several times slower on the CPU.
         var = torch.linalg.vector_norm(target, dim=-1, keepdim=True).square() / (pixels - 1)
         target_rstd = torch.rsqrt(var + EPS)
         target = target * target_rstd
-        mean.index_copy_(0, removed, target_mean[:, 0])
-        rstd.index_copy_(0, removed, target_rstd[:, 0])
-    # In place on the freshly gathered rows: every pass counts on the CPU.
-    diff = pred.reshape(-1, pixels).index_select(0, removed).float().sub_(target)
-    total = (torch.linalg.vector_norm(diff, dim=-1).square() * weight).sum() / pixels
-    residual = torch.empty(pred.shape[0] * pred.shape[1], pixels, device=pred.device)
-    residual.index_fill_(0, torch.nonzero(mask.reshape(-1) == 0).squeeze(1), 0.0)  # kept rows
-    residual.index_copy_(0, removed, diff.mul_(weight[:, None]))
-    return total, mean, rstd, residual
+        mean.index_copy_(0, rows, target_mean[:, 0])
+        rstd.index_copy_(0, rows, target_rstd[:, 0])
+    # The strided pred's rows gathered (no full copy), then in place: every pass counts.
+    length = pred.shape[1]
+    diff = pred[rows // length, rows % length].to(target.dtype).sub_(target)
+    mse = torch.linalg.vector_norm(diff, dim=-1).square() / pixels
+    is_weighted = weight != 0
+    total = torch.where(is_weighted, mse * weight, 0.0).sum()
+    if all_patches:
+        mse_out.copy_(mse)
+        diff = torch.where(is_weighted[:, None], diff, 0.0)  # keep kept rows' gradient 0
+    residual = pred.new_empty(pred.shape[0] * pred.shape[1], pixels, dtype=diff.dtype)
+    if not all_patches:  # zero only the rows not read: every pass counts on the CPU
+        residual.index_fill_(0, torch.nonzero(mask.reshape(-1) == 0).squeeze(1), 0.0)
+    residual.index_copy_(0, rows, diff.mul_(weight[:, None]))
+    return total, residual
 
 
 def _loss_backward(
@@ -238,14 +284,15 @@ def _loss_backward(
     grad_imgs_needed,
     use_triton,
 ):
-    """scale ``[1]`` fp32 = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs or an empty tensor,
-    grad_pred). ``residual`` is the torch path's forward residual (empty on the Triton path)."""
-    imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
+    """scale ``[1]`` = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs or an empty tensor,
+    grad_pred contiguous). ``residual`` is the torch path's forward residual (empty on the
+    Triton path)."""
+    imgs, mask = imgs.contiguous(), mask.contiguous()
     n, c, height, width = imgs.shape
     ph, pw = patch_size
     length, pixels = pred.shape[1], pred.shape[2]
     if use_triton:
-        grad_pred = torch.empty_like(pred)
+        grad_pred = pred.new_empty(pred.shape)
         grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
         if pred.numel():
             block = _patch_block(pixels)
@@ -266,6 +313,7 @@ def _loss_backward(
                 width,
                 width // pw,
                 pixels,
+                *pred.stride(),
                 PH=ph,
                 PW=pw,
                 NORM_PIX=norm_pix,
@@ -274,21 +322,21 @@ def _loss_backward(
                 num_warps=warps_for(block),
             )
         return grad_imgs, grad_pred
-    grad_pred = (residual * scale).to(pred.dtype).view_as(pred)
+    grad_pred = (residual * scale).to(pred.dtype).view(pred.shape)
     if not grad_imgs_needed:
         return imgs.new_empty(0), grad_pred
-    removed, _, target = _removed_targets(imgs, mask, pixels, patch_size)
-    grad_target = -(residual.index_select(0, removed) * scale)
+    rows, _, target = _read_rows(imgs, pred, mask, patch_size, False)
+    grad_target = -(residual.index_select(0, rows) * scale)
     if norm_pix:  # backward of (x - mean) * rstd, the unbiased variance inside rstd
-        patch_rstd = rstd.index_select(0, removed)[:, None]
-        target = (target - mean.index_select(0, removed)[:, None]) * patch_rstd
+        patch_rstd = rstd.index_select(0, rows)[:, None]
+        target = (target - mean.index_select(0, rows)[:, None]) * patch_rstd
         grad_target = patch_rstd * (
             grad_target
             - grad_target.mean(-1, keepdim=True)
             - target * (grad_target * target).sum(-1, keepdim=True) / (pixels - 1)
         )
     grad_patches = torch.zeros(pred.shape, dtype=imgs.dtype, device=imgs.device)
-    grad_patches.view(-1, pixels).index_copy_(0, removed, grad_target.to(imgs.dtype))
+    grad_patches.view(-1, pixels).index_copy_(0, rows, grad_target.to(imgs.dtype))
     grad_imgs = scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False)
     return grad_imgs, grad_pred
 
@@ -300,23 +348,38 @@ def masked_pixel_loss_op(
     mask: torch.Tensor,
     patch_size: list[int],
     norm_pix: bool,
+    all_patches: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss 0-dim in the promotion of pred's and imgs' dtypes, as the official code gives;
-    target mean and rstd ``[N*L]`` fp32 and, on the torch path, the weighted residual
-    ``[N*L, P]`` fp32 (``[0, 0]`` on the Triton path), kept for the backward)."""
-    total, *saved = _loss_forward(imgs, pred, mask, tuple(patch_size), norm_pix, use_triton)
-    loss = (total / _mask_denominator(mask)).to(torch.promote_types(pred.dtype, imgs.dtype))
-    return (loss, *saved)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss 0-dim in the promotion of the three dtypes, as the official code gives; then,
+    kept for the backward in the accumulation dtype: target mean and rstd ``[N*L]``, the torch
+    path's weighted residual ``[N*L, P]`` (``[0, 0]`` on the Triton path), and each patch's MSE
+    ``[N*L]`` with ``all_patches`` (``[0]`` without), which the mask's gradient needs)."""
+    total, *saved = _loss_forward(
+        imgs, pred, mask, tuple(patch_size), norm_pix, all_patches, use_triton
+    )
+    inverse_sum = _inverse_mask_sum(mask, total.dtype)
+    return ((total * inverse_sum).to(_loss_dtype(imgs, pred, mask)), *saved)
+
+
+def _loss_dtype(imgs, pred, mask) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
 
 
 @masked_pixel_loss_op.register_fake
-def _(imgs, pred, mask, patch_size, norm_pix, use_triton):
-    stats = pred.new_empty(pred.shape[0] * pred.shape[1], dtype=torch.float32)
-    loss_dtype = torch.promote_types(pred.dtype, imgs.dtype)
-    rows = 0 if use_triton else stats.shape[0]
-    residual = pred.new_empty(rows, pred.shape[2] if rows else 0, dtype=torch.float32)
-    return pred.new_empty((), dtype=loss_dtype), stats, torch.empty_like(stats), residual
+def _(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton):
+    rows = pred.shape[0] * pred.shape[1]
+    dtype = accumulation_dtype(imgs, pred, mask)
+    stats = pred.new_empty(rows, dtype=dtype)
+    residual_rows = 0 if use_triton else rows
+    residual = pred.new_empty(
+        residual_rows,
+        pred.shape[2] if residual_rows else 0,
+        dtype=torch.float32 if use_triton else dtype,
+    )
+    patch_mse = pred.new_empty(rows if all_patches else 0, dtype=dtype)
+    loss = pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask))
+    return loss, stats, torch.empty_like(stats), residual, patch_mse
 
 
 @torch.library.custom_op("fastmae::masked_pixel_loss_backward", mutates_args=())
@@ -363,21 +426,25 @@ def _(
     use_triton,
 ):
     grad_imgs = torch.empty_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
-    return grad_imgs, torch.empty_like(pred)
+    return grad_imgs, pred.new_empty(pred.shape)
 
 
 def _setup_loss(ctx, inputs, output):
-    imgs, pred, mask, ctx.patch_size, ctx.norm_pix, ctx.use_triton = inputs
-    _, mean, rstd, residual = output
-    ctx.mark_non_differentiable(mean, rstd, residual)
-    ctx.set_materialize_grads(False)  # no zero gradients for the three saved-state outputs
-    ctx.save_for_backward(imgs, pred, mask, mean, rstd, residual)
+    imgs, pred, mask, ctx.patch_size, ctx.norm_pix, _, ctx.use_triton = inputs
+    loss, mean, rstd, residual, patch_mse = output
+    ctx.mark_non_differentiable(mean, rstd, residual, patch_mse)
+    ctx.set_materialize_grads(False)  # no zero gradients for the saved-state outputs
+    ctx.save_for_backward(imgs, pred, mask, mean, rstd, residual, patch_mse, loss)
 
 
-def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd, _grad_residual):
-    imgs, pred, mask, mean, rstd, residual = ctx.saved_tensors
-    scale = (2.0 * grad_loss.float() / (pred.shape[-1] * _mask_denominator(mask))).reshape(1)
-    grad_imgs_needed = ctx.needs_input_grad[0]
+def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd, _grad_residual, _grad_mse):
+    if grad_loss is None:  # only the non-differentiable saved-state outputs were used
+        return None, None, None, None, None, None, None
+    imgs, pred, mask, mean, rstd, residual, patch_mse, loss = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dtype = mean.dtype
+    inverse_sum = _inverse_mask_sum(mask, dtype)
+    scale = (2.0 * grad_loss.to(dtype) * inverse_sum / pred.shape[-1]).reshape(1)
     grad_imgs, grad_pred = masked_pixel_loss_backward_op(
         scale,
         imgs,
@@ -388,15 +455,25 @@ def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd, _grad_residual):
         residual,
         ctx.patch_size,
         ctx.norm_pix,
-        grad_imgs_needed,
+        needs[0],
         ctx.use_triton,
     )
-    return (grad_imgs if grad_imgs_needed else None), grad_pred, None, None, None, None
+    grad_mask = None
+    if needs[2]:
+        # loss = sum(mask * mse) / sum(mask): d loss / d mask = (mse - loss) / sum(mask).
+        delta = patch_mse.view(mask.shape) - loss.to(dtype)
+        grad_mask = (grad_loss.to(dtype) * inverse_sum * delta).to(mask.dtype)
+    return (grad_imgs if needs[0] else None), grad_pred, grad_mask, None, None, None, None
 
 
 masked_pixel_loss_op.register_autograd(_backward_loss, setup_context=_setup_loss)
 
 
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix: bool, use_triton: bool):
-    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]``, mask ``[N, L]`` -> 0-dim loss."""
-    return masked_pixel_loss_op(imgs, pred, mask, list(patch_size), norm_pix, use_triton)[0]
+    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]`` (any strides), mask ``[N, L]`` -> 0-dim
+    loss. When ``mask`` requires grad every patch is read, since its gradient needs each MSE."""
+    all_patches = mask.requires_grad and torch.is_grad_enabled()
+    outputs = masked_pixel_loss_op(
+        imgs, pred, mask, list(patch_size), norm_pix, all_patches, use_triton
+    )
+    return outputs[0]

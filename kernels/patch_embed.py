@@ -22,11 +22,13 @@ def _add_positions_kernel(
     cls_ptr,  # [D]
     pos_ptr,  # [1+L, D]
     K,
+    L,
     D,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(N, cdiv(1+K, BLOCK_T), cdiv(D, BLOCK_D))``: one tile of output rows per program."""
+    """Grid ``(N, cdiv(1+K, BLOCK_T), cdiv(D, BLOCK_D))``: one tile of output rows per program.
+    A patch id outside ``[0, L)`` adds no position (its row is the token alone)."""
     image = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -34,6 +36,7 @@ def _add_positions_kernel(
     col_valid = col < D
     is_patch = row_valid & (row > 0)
     patch = tl.load(ids_keep_ptr + image * K + row - 1, mask=is_patch, other=-1).to(tl.int64)
+    has_position = (row == 0) | (is_patch & (patch >= 0) & (patch < L))
     tile = row_valid[:, None] & col_valid[None, :]
 
     token_rows = image * K + row - 1
@@ -44,7 +47,11 @@ def _add_positions_kernel(
     ).to(tl.float32)
     cls = tl.load(cls_ptr + col, mask=col_valid, other=0.0).to(tl.float32)
     values = tl.where(is_patch[:, None], tokens, cls[None, :])
-    positions = tl.load(pos_ptr + (patch + 1)[:, None] * D + col[None, :], mask=tile, other=0.0)
+    positions = tl.load(
+        pos_ptr + (patch + 1)[:, None] * D + col[None, :],
+        mask=tile & has_position[:, None],
+        other=0.0,
+    )
     values = values + positions.to(tl.float32)
     out_rows = image * (K + 1) + row
     tl.store(
@@ -63,8 +70,11 @@ def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
     )
     out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
     if not use_triton:
+        num_patches = pos_embed.shape[0] - 1
+        in_range = ((ids_keep >= 0) & (ids_keep < num_patches))[..., None]
+        positions = pos_embed[1:][torch.where(in_range[..., 0], ids_keep, 0)]
         out[:, 0] = cls_token + pos_embed[0]
-        out[:, 1:] = tokens + pos_embed[1:][ids_keep]
+        out[:, 1:] = tokens + torch.where(in_range, positions, 0)
         return out
     block_t, block_d = 16, block_size(width, 128)
     grid = (n, triton.cdiv(keep + 1, block_t), triton.cdiv(width, block_d))
@@ -77,6 +87,7 @@ def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
         cls_token.contiguous(),
         pos_embed.contiguous(),
         keep,
+        pos_embed.shape[0] - 1,
         width,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
@@ -122,10 +133,13 @@ def _backward_add_positions(ctx, grad_out):
     grad_pos = None
     if needs[3]:
         # Rare (the official position embedding is frozen): each image keeps a patch at most
-        # once, so a per-image scatter followed by a sum is exact and deterministic.
+        # once, so a per-image scatter followed by a sum is exact and deterministic. Ids out
+        # of range (possible only unchecked) add zeros to row 0 instead of indexing outside.
         n, _, width = grad_out.shape
+        in_range = (ids_keep >= 0) & (ids_keep < ctx.pos_rows - 1)
+        index = torch.where(in_range, ids_keep, 0)[..., None].expand(-1, -1, width)
         per_image = grad_out.new_zeros(n, ctx.pos_rows - 1, width)
-        per_image.scatter_(1, ids_keep[..., None].expand(-1, -1, width), grad_out[:, 1:])
+        per_image.scatter_add_(1, index, torch.where(in_range[..., None], grad_out[:, 1:], 0))
         grad_pos = torch.cat([grad_out[:, 0].sum(0, keepdim=True), per_image.sum(0)]).to(pos_dtype)
     return grad_tokens, None, grad_cls, grad_pos, None
 

@@ -32,13 +32,19 @@ def _patch_offsets(
 def _patch_corner(
     token, ids_ptr, T, C, H, W, grid_w, PH: tl.constexpr, PW: tl.constexpr, HAS_IDS: tl.constexpr
 ):
-    """Offset (int64) in ``[N, C, H, W]`` of the top-left pixel of row ``token``'s patch."""
+    """Offset (int64) in ``[N, C, H, W]`` of the top-left pixel of row ``token``'s patch, and
+    whether that patch exists: an id outside ``[0, L)`` gives offset 0 and False, so callers
+    mask every access through it."""
     image = token // T
     if HAS_IDS:
         patch = tl.load(ids_ptr + token).to(tl.int64)
+        in_range = (patch >= 0) & (patch < (H // PH) * grid_w)
+        patch = tl.where(in_range, patch, 0)
     else:
         patch = token % T
-    return image * C * H * W + (patch // grid_w) * PH * W + (patch % grid_w) * PW
+        in_range = patch >= 0
+    corner = image * C * H * W + (patch // grid_w) * PH * W + (patch % grid_w) * PW
+    return corner, in_range
 
 
 @triton.jit
@@ -91,17 +97,20 @@ def _copy_patches_kernel(
     """Grid ``(N*T,)``: each program copies one patch between the image and its row (the
     gather), or back (TO_IMAGE, the scatter), C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
-    corner = imgs_ptr + _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
+    corner, in_range = _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
     row_start = patches_ptr + token * (C * PH * PW)
     for first_channel in range(0, C, C_BLOCK):
         image_offsets, patch_offsets, valid = _tile_offsets(
             first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
         )
+        # A row whose id is out of range gathers zeros and scatters nothing. (tl.where, not
+        # `&`: the interpreter mistypes a scalar & tensor mask.)
+        image_valid = tl.where(in_range, valid, False)
         if TO_IMAGE:
             pixels = tl.load(row_start + patch_offsets, mask=valid)
-            tl.store(corner + image_offsets, pixels, mask=valid)
+            tl.store(imgs_ptr + corner + image_offsets, pixels, mask=image_valid)
         else:
-            pixels = tl.load(corner + image_offsets, mask=valid)
+            pixels = tl.load(imgs_ptr + corner + image_offsets, mask=image_valid, other=0)
             tl.store(row_start + patch_offsets, pixels, mask=valid)
 
 
@@ -121,10 +130,14 @@ def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Ten
     return view.permute(0, 2, 4, 3, 5, 1) if channel_last else view.permute(0, 2, 4, 1, 3, 5)
 
 
-def _grid_index(ids: torch.Tensor, n: int, grid_w: int):
-    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]``."""
+def _grid_index(ids: torch.Tensor, n: int, grid_w: int, num_patches: int):
+    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]``, and the
+    ``[N, T]`` validity of each id; ids outside ``[0, L)`` are replaced by 0, as the kernel does.
+    """
+    in_range = (ids >= 0) & (ids < num_patches)
+    ids = torch.where(in_range, ids, 0)
     rows = torch.arange(n, device=ids.device)[:, None]
-    return rows, ids // grid_w, ids % grid_w
+    return (rows, ids // grid_w, ids % grid_w), in_range
 
 
 def gather_patches(
@@ -149,8 +162,9 @@ def gather_patches(
         view = _patch_view(imgs, patch_size, channel_last)
         if ids is None:  # always a copy: an op's output must not alias its input
             return imgs.new_empty(view.shape).copy_(view).view(n, tokens, pixels)
-        rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w)
-        return view[rows, grid_rows, grid_cols].reshape(n, tokens, pixels)
+        index, in_range = _grid_index(ids, n, grid_w, num_patches)
+        patches = view[index].reshape(n, tokens, pixels)
+        return patches.masked_fill_(in_range.logical_not()[..., None], 0)
     patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
     if patches.numel():
         ids_arg = imgs if ids is None else ids.contiguous()
@@ -188,6 +202,7 @@ def scatter_patches(
     n, c, height, width = image_shape
     ph, pw = patch_size
     grid_w = width // pw
+    num_patches = (height // ph) * grid_w
     tokens = patches.shape[1]
     every_patch = ids is None
     imgs = patches.new_empty(image_shape) if every_patch else patches.new_zeros(image_shape)
@@ -196,8 +211,9 @@ def scatter_patches(
         if every_patch:
             view.copy_(patches.view(view.shape))
         else:
-            rows, grid_rows, grid_cols = _grid_index(ids, n, grid_w)
-            view[rows, grid_rows, grid_cols] = patches.view(n, tokens, *view.shape[3:])
+            index, in_range = _grid_index(ids, n, grid_w, num_patches)
+            rows, grid_rows, grid_cols = (part.expand_as(ids)[in_range] for part in index)
+            view[rows, grid_rows, grid_cols] = patches.view(n, tokens, *view.shape[3:])[in_range]
         return imgs
     if patches.numel():
         ids_arg = patches if every_patch else ids.contiguous()

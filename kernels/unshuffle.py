@@ -12,19 +12,20 @@ atomics, so two runs give bit-identical ``mask_token`` gradients.
 
 import torch
 
-from ._triton import block_size, launch, tl, triton
-from .masking import inverse_permutation
+from ._triton import accumulation_dtype, block_size, launch, tl, triton
 
 
 @triton.jit
 def _source_rows(ids_restore_ptr, image, row, row_valid, L, K):
-    """For output rows ``row`` (0..L) of one image: the row of x each reads, and whether it is
-    a mask-token row instead."""
+    """For output rows ``row`` (0..L) of one image: the row of x each reads, whether it reads
+    one (the cls row and kept patches), and whether it is a mask-token row instead. A rank
+    outside ``[0, L)`` (possible only unchecked) reads neither: its row is the position alone."""
     is_patch = row_valid & (row > 0)
     rank = tl.load(ids_restore_ptr + image * L + row - 1, mask=is_patch, other=0)
-    is_masked = is_patch & (rank >= K)
-    source = tl.where(is_patch, rank + 1, 0)
-    return source, is_masked
+    reads_x = (row == 0) | (is_patch & (rank >= 0) & (rank < K))
+    is_masked = is_patch & (rank >= K) & (rank < L)
+    source = tl.where(is_patch & reads_x, rank + 1, 0)
+    return source, reads_x, is_masked
 
 
 @triton.jit
@@ -47,11 +48,11 @@ def _unshuffle_fwd_kernel(
     row_valid = row < L + 1
     col_valid = col < D
     tile = row_valid[:, None] & col_valid[None, :]
-    source, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+    source, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
 
     x_rows = image * (K + 1) + source
     tokens = tl.load(
-        x_ptr + x_rows[:, None] * D + col[None, :], mask=tile & ~is_masked[:, None], other=0.0
+        x_ptr + x_rows[:, None] * D + col[None, :], mask=tile & reads_x[:, None], other=0.0
     ).to(tl.float32)
     mask_token = tl.load(mask_token_ptr + col, mask=col_valid, other=0.0).to(tl.float32)
     values = tl.where(is_masked[:, None], mask_token[None, :], tokens)
@@ -85,7 +86,7 @@ def _unshuffle_bwd_kernel(
     row_valid = row < L + 1
     col_valid = col < D
     tile = row_valid[:, None] & col_valid[None, :]
-    source, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+    source, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
 
     out_rows = image * (L + 1) + row
     grad = tl.load(grad_out_ptr + out_rows[:, None] * D + col[None, :], mask=tile, other=0.0)
@@ -93,7 +94,7 @@ def _unshuffle_bwd_kernel(
     tl.store(
         grad_x_ptr + x_rows[:, None] * D + col[None, :],
         grad.to(grad_x_ptr.dtype.element_ty),
-        mask=tile & ~is_masked[:, None],
+        mask=tile & reads_x[:, None],
     )
     masked_sum = tl.sum(tl.where(is_masked[:, None], grad.to(tl.float32), 0.0), axis=0)
     partial_row = image * tl.num_programs(1) + row_block
@@ -113,11 +114,15 @@ def _unshuffle_forward(x, ids_restore, mask_token, pos_embed, use_triton):
     length, keep = ids_restore.shape[1], keep_plus_one - 1
     out_dtype = torch.promote_types(x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype))
     if not use_triton:
+        # As the kernel: rank < K reads x, K <= rank < L the mask token, anything else zeros.
         source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
-        is_masked = (source > keep)[..., None]
+        cls_row = torch.arange(length + 1, device=x.device) == 0
+        reads_x = (cls_row | ((source > 0) & (source <= keep)))[..., None]
+        is_masked = ((source > keep) & (source <= length))[..., None]
         rows = torch.arange(n, device=x.device)[:, None]
-        tokens = x[rows, source.clamp(max=keep)]
-        return torch.where(is_masked, mask_token.to(out_dtype), tokens.to(out_dtype)) + pos_embed
+        tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out_dtype)
+        tokens = torch.where(is_masked, mask_token.to(out_dtype), torch.where(reads_x, tokens, 0))
+        return tokens + pos_embed
     out = torch.empty(n, length + 1, width, dtype=out_dtype, device=x.device)
     block_d, grid = _tiles(n, length, width)
     launch(
@@ -144,11 +149,15 @@ def _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton):
     n, length_plus_one, width = grad_out.shape
     length = length_plus_one - 1
     if not use_triton:
-        ids_shuffle = inverse_permutation(ids_restore)  # the original position of each rank
-        kept_rows = ids_shuffle[:, :keep, None].expand(-1, -1, width)
-        grad_x = torch.cat([grad_out[:, :1], grad_out[:, 1:].gather(1, kept_rows)], dim=1)
-        is_masked = (ids_restore >= keep)[..., None]
-        grad_mask_token = torch.where(is_masked, grad_out[:, 1:].float(), 0.0).sum((0, 1))
+        # Each kept position's gradient goes to its row of x; the others to a spare last row.
+        is_kept = (ids_restore >= 0) & (ids_restore < keep)
+        target_rows = torch.where(is_kept, ids_restore, keep)[..., None].expand(-1, -1, width)
+        grad_kept = grad_out.new_zeros(n, keep + 1, width)
+        grad_kept.scatter_(1, target_rows, grad_out[:, 1:])
+        grad_x = torch.cat([grad_out[:, :1], grad_kept[:, :keep]], dim=1)
+        is_masked = ((ids_restore >= keep) & (ids_restore < length))[..., None]
+        grad_rows = grad_out[:, 1:].to(accumulation_dtype(grad_out))
+        grad_mask_token = torch.where(is_masked, grad_rows, 0.0).sum((0, 1))
         return grad_x.to(x_dtype), grad_mask_token
     grad_x = grad_out.new_empty(n, keep + 1, width, dtype=x_dtype)
     block_d, grid = _tiles(n, length, width)

@@ -51,6 +51,7 @@ def op_samples():
     ids_keep, ids_restore, mask = masking.masking_op(noise, keep, torch.float32, False)
     imgs = torch.randn(n, 3, 8, 12, requires_grad=True)
     pred = torch.randn(n, length, 12, requires_grad=True)
+    decoder_out = torch.randn(n, length + 1, 12, requires_grad=True)  # pred as a strided slice
     grad_out = torch.randn(n, length + 1, width)
     return [
         (masking.masking_op, (noise, keep, torch.float32)),
@@ -80,8 +81,12 @@ def op_samples():
             ),
         ),
         (unshuffle.unshuffle_backward_op, (grad_out, ids_restore, keep, torch.float32)),
-        (loss.masked_pixel_loss_op, (imgs, pred, mask, [2, 2], True)),
-        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, [2, 2], False)),
+        (loss.masked_pixel_loss_op, (imgs, pred, mask, [2, 2], True, False)),
+        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, [2, 2], False, False)),
+        (
+            loss.masked_pixel_loss_op,
+            (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), [2, 2], True, True),
+        ),
     ]
 
 

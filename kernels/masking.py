@@ -29,26 +29,30 @@ def _masking_kernel(
     query = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     query_valid = query < L
     noise_row = noise_ptr + row * L
-    query_noise = tl.load(noise_row + query, mask=query_valid, other=0.0)
+    # fp32 comparisons for every noise dtype: exact for bf16/fp16, and Triton 3.0/3.1 cannot
+    # compare bf16 values.
+    query_noise = tl.load(noise_row + query, mask=query_valid, other=0.0).to(tl.float32)
     query_nan = query_noise != query_noise
 
     rank = tl.zeros([BLOCK_Q], dtype=tl.int32)
     for start in range(0, L, BLOCK_K):
         other = start + tl.arange(0, BLOCK_K)
         other_valid = other < L
-        other_noise = tl.load(noise_row + other, mask=other_valid, other=0.0)
+        other_noise = tl.load(noise_row + other, mask=other_valid, other=0.0).to(tl.float32)
         other_nan = other_noise != other_noise
         q = query_noise[:, None]
         o = other_noise[None, :]
         # Total order of a stable sort: numbers ascending, NaN after every number, ties by index.
         same = (o == q) | (other_nan[None, :] & query_nan[:, None])
-        before = (o < q) | (query_nan[:, None] & ~other_nan[None, :])
+        # (x == 0), not ~x: the interpreters of Triton 3.0-3.3 cannot invert a boolean.
+        before = (o < q) | (query_nan[:, None] & (other_nan[None, :] == 0))
         before = before | (same & (other[None, :] < query[:, None]))
         before = before & other_valid[None, :]
         rank += tl.sum(before.to(tl.int32), axis=1)
 
     tl.store(ids_restore_ptr + row * L + query, rank.to(tl.int64), mask=query_valid)
-    removed = (rank >= K).to(mask_ptr.dtype.element_ty)
+    # Through fp32: Triton 3.0/3.1 cannot convert a boolean straight to bf16.
+    removed = tl.where(rank >= K, 1.0, 0.0).to(mask_ptr.dtype.element_ty)
     tl.store(mask_ptr + row * L + query, removed, mask=query_valid)
     is_kept = query_valid & (rank < K)
     tl.store(ids_keep_ptr + row * K + rank, query.to(tl.int64), mask=is_kept)

@@ -1,8 +1,15 @@
 """Fused random masking against the official double argsort."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import fastmae
 from fastmae import functional, reference
 
 SHAPES = [(1, 4, 0.5), (3, 16, 0.75), (7, 49, 0.75), (5, 100, 0.8), (2, 196, 0.9), (4, 30, 0.0)]
@@ -36,3 +43,48 @@ def test_noncontiguous_noise(backend):
     ids_keep, ids_restore, _ = functional.random_masking_indices(noise, 4)
     assert torch.equal(ids_restore, torch.argsort(torch.argsort(noise, 1), 1))
     assert torch.equal(ids_keep, torch.argsort(noise, 1)[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_noise_gives_the_fp32_masks(dtype):
+    # Default routing: fp16 runs the kernel in the interpreter, bf16 and fp64 the torch path.
+    noise = torch.rand(3, 49).to(dtype)  # ties are likely in bf16: the stable order decides
+    got = functional.random_masking_indices(noise, 12)
+    with fastmae.use_backend("torch"):
+        expected = functional.random_masking_indices(noise.float(), 12)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    stable_order = torch.argsort(noise.float(), dim=1, stable=True)
+    assert torch.equal(got[1], torch.argsort(stable_order, dim=1))
+
+
+COMPILE_BF16_MASKING = """
+import json, sys
+from benchmarks import static_check
+
+(spec,) = [s for s in static_check.kernel_specs(768) if s[0].startswith("masking (bf16")]
+_, kernel, args, constexprs, warps = spec
+compiled = static_check.compile_kernel(kernel, args, constexprs, warps, int(sys.argv[1]))
+usage = static_check.resource_usage(compiled.asm["cubin"])
+print(json.dumps(dict(usage, bf16_in_ptx=".bf16" in compiled.asm["ptx"])))
+"""
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_masking_kernel_compiles_with_bf16_noise_and_mask(arch):
+    """On a GPU bf16 noise and masks run the kernel (the interpreter has no bf16), so compile
+    it for sm_90/sm_80 here as the static check does: Triton 3.0/3.1 once failed on it. In a
+    subprocess, since this process's kernels are the interpreter's."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_BF16_MASKING, str(arch)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    usage = json.loads(done.stdout.splitlines()[-1])
+    assert usage["local"] == 0 and usage["bf16_in_ptx"], usage  # no spills, bf16 kept

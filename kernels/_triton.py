@@ -1,7 +1,9 @@
 """Triton import shim, launch counting and the helpers every kernel file shares.
 
-Triton is a Linux-only dependency: without it the kernel modules still import (``@triton.jit``
-becomes a no-op and ``tl.constexpr`` a plain annotation) and only the torch path runs.
+Triton is a Linux-only dependency: without it (or with a Triton too old for the kernels and
+``FASTMAE_BACKEND=torch``) the kernel modules still import (``@triton.jit`` becomes a no-op and
+``tl.constexpr`` a plain annotation) and only the torch path runs. Versions are checked in
+``_versions.py``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,22 @@ from collections import Counter
 
 import torch
 
+from ._versions import check_versions
+
 try:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on platforms without triton
+    HAS_TRITON = check_versions(
+        torch.__version__, triton.__version__, os.environ.get("FASTMAE_BACKEND", "auto")
+    )
+except ImportError as error:  # pragma: no cover - exercised on platforms without triton
+    if "fastmae" in str(error):  # our own refusal of the versions found
+        raise
+    check_versions(torch.__version__, None, "torch")
     HAS_TRITON = False
+
+if not HAS_TRITON:
 
     class _Missing:
         constexpr = int

@@ -6,6 +6,7 @@
 
 from fastmae import functional, reference
 from fastmae.checkpoint import load_checkpoint, save_checkpoint
+from fastmae.compile import compile_blocks
 from fastmae.dispatch import get_backend, set_backend, use_backend
 from fastmae.model import (
     MaskedAutoencoderViT,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaskedAutoencoderViT",
+    "compile_blocks",
     "functional",
     "get_backend",
     "load_checkpoint",

@@ -60,7 +60,13 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (qkv bias on), as timm's."""
+    """Multi-head self-attention with a fused qkv projection (qkv bias on), as timm's.
+
+    ``fused_attn`` (default True) computes softmax(q kᵀ · scale) v with
+    ``F.scaled_dot_product_attention``; False spells it out as the official timm 0.3.2 block
+    does (``(q @ k.transpose(-2, -1)) * scale``, softmax, ``@ v``), materialising the
+    ``[N, heads, T, T]`` scores. Same function, same parameters; see :func:`set_fused_attn`.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -68,6 +74,8 @@ class Attention(nn.Module):
             raise ValueError(f"embedding width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
@@ -76,8 +84,21 @@ class Attention(nn.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every :class:`Attention` in ``model`` between SDPA (True, the default) and the
+    official timm 0.3.2 arithmetic (False), as timm's ``fused_attn`` flag; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = bool(enabled)
+    return model
 
 
 class Mlp(nn.Module):

@@ -30,5 +30,10 @@ timeout 300 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider
     >"$out/benchmarks.txt" 2>&1 ||
     status=1
 sed -n '/fastmae benchmark summary/,$p' "$out/benchmarks.txt"
+echo "== plot and accounting"
+timeout 60 python -m benchmarks.plot "$out/benchmarks.json" -o "$out/speedup.png" || status=1
+timeout 300 python -m benchmarks.account --models mae_vit_base_patch16 >"$out/account.md" 2>&1 ||
+    status=1
+tail -n 12 "$out/account.md"
 echo "gpu_check: exit $status; full results in $out"
 exit $status

@@ -17,51 +17,67 @@ TARGETS = (
 )
 
 
+ORDER = ("official", "reference", "fastmae")
+
+
 def implementation(row: dict) -> str:
-    """The row's implementation: ``reference``, ``fastmae``, or either with ``+compile``."""
+    """The row's implementation: ``official``, ``reference``, ``fastmae``, or one of the last
+    two with ``+compile`` or ``+compile_blocks``."""
     return row["extra_info"]["impl"]
+
+
+def _sort_key(impl: str):
+    base, _, variant = impl.partition("+")
+    return (variant, ORDER.index(base) if base in ORDER else len(ORDER))
+
+
+def speedups(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """group -> impl -> dict(median, vs_reference, vs_official, gbps, copy_pct, peak_mb,
+    cold_s); the speedups are the baseline's median over the row's (None without it)."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        groups[row["group"]][implementation(row)] = row
+    table: dict[str, dict[str, dict]] = {}
+    for group, impls in sorted(groups.items()):
+        table[group] = {}
+        for impl in sorted(impls, key=_sort_key):
+            row, info = impls[impl], impls[impl]["extra_info"]
+            entry = dict(median=row["median"], peak_mb=info.get("peak_mb"))
+            entry["cold_s"] = info.get("cold_s")
+            for baseline in ("reference", "official"):
+                base = impls.get(baseline)
+                entry[f"vs_{baseline}"] = base["median"] / row["median"] if base else None
+            entry["gbps"] = info["bytes"] / row["median"] / 1e9 if info.get("bytes") else None
+            copy = info.get("copy_gbps")
+            entry["copy_pct"] = 100 * entry["gbps"] / copy if entry["gbps"] and copy else None
+            table[group][impl] = entry
+    return table
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def summarize(rows: list[dict]) -> str:
     """rows: dicts with ``group``, ``name``, ``median`` (s) and ``extra_info``."""
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for row in rows:
-        groups[row["group"]][implementation(row)] = row
     header = (
-        f"{'group':34} {'reference':>11} {'fastmae':>11} {'speedup':>8} {'vs compile':>10} "
-        f"{'GB/s':>8} {'% copy':>7} {'peak MB ref':>12} {'peak MB fm':>11}"
+        f"{'group':34} {'row':26} {'median':>11} {'vs ref':>7} {'vs official':>11} "
+        f"{'GB/s':>7} {'% copy':>7} {'peak MB':>8} {'cold s':>7}"
     )
     lines = ["", "fastmae benchmark summary (medians, forward+backward)", header, "-" * len(header)]
-    device = ""
-    for group in sorted(groups):
-        impls = groups[group]
-        ref, fused = impls.get("reference"), impls.get("fastmae")
-        compiled_ref = impls.get("reference+compile")
-        if fused is None or ref is None:
-            continue
-        info = fused["extra_info"]
-        device = info.get("device", device)
-        speedup = ref["median"] / fused["median"]
-        vs_compile = f"{compiled_ref['median'] / fused['median']:.2f}x" if compiled_ref else "-"
-        gbps = copy_pct = "-"
-        if info.get("bytes"):
-            rate = info["bytes"] / fused["median"] / 1e9
-            gbps = f"{rate:.0f}"
-            if info.get("copy_gbps"):
-                copy_pct = f"{100 * rate / info['copy_gbps']:.0f}%"
-        lines.append(
-            f"{group:34} {ref['median'] * 1e3:>9.3f}ms {fused['median'] * 1e3:>9.3f}ms "
-            f"{speedup:>7.2f}x {vs_compile:>10} {gbps:>8} {copy_pct:>7} "
-            f"{_peak(ref):>12} {_peak(fused):>11}"
-        )
-    lines.append(f"device: {device}")
+    for group, impls in speedups(rows).items():
+        for impl, entry in impls.items():
+            lines.append(
+                f"{group:34} {impl:26} {entry['median'] * 1e3:>9.3f}ms "
+                f"{_cell(entry['vs_reference'], '.2f'):>6}x "
+                f"{_cell(entry['vs_official'], '.2f'):>10}x "
+                f"{_cell(entry['gbps'], '.0f'):>7} {_cell(entry['copy_pct'], '.0f'):>6}% "
+                f"{_cell(entry['peak_mb'], '.0f'):>8} {_cell(entry['cold_s'], '.1f'):>7}"
+            )
+    devices = {row["extra_info"].get("device") for row in rows} - {None}
+    lines.append(f"device: {', '.join(sorted(devices))}")
     lines.append(TARGETS)
     return "\n".join(lines)
-
-
-def _peak(row) -> str:
-    peak = row["extra_info"].get("peak_mb")
-    return f"{peak:.0f}" if peak is not None else "-"
 
 
 def rows_from_json(path: str) -> list[dict]:

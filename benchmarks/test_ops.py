@@ -1,8 +1,10 @@
 """Per-op groups, forward+backward at ViT-B/16 sizes (224 px, D 768, decoder 512, ratio 0.75).
 
 Each group calls the models' own step for that op (reference vs fastmae), so the benchmark
-times exactly what a training step runs. ``bytes`` is the least each fused op must move
-through memory, forward plus backward (each input read once, each output written once).
+times exactly what a training step runs. ``bytes`` is what the fastmae step moves through
+memory, forward plus backward, counted by :func:`benchmarks.account.count_bytes` from the
+kernels' own byte counts (each input read once, each output written once) and the eager ops
+around them; every row of a group is rated against that figure.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import fastmae
+from benchmarks.account import count_bytes
 from fastmae import reference
 
 IMG, PATCH, WIDTH, DECODER_WIDTH, RATIO = 224, 16, 768, 512, 0.75
@@ -43,13 +46,8 @@ def compiled(impl, fn):
     return torch.compile(fn) if impl.endswith("+compile") else fn
 
 
-def element_size(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @pytest.mark.benchmark(group="masking+encoder-input")
 def test_masking_encoder_input(benchmark, measure, settings, impl):
-    model = op_model(impl, settings.device)
     n, device = settings.batch, settings.device
     inputs = [
         (
@@ -59,22 +57,23 @@ def test_masking_encoder_input(benchmark, measure, settings, impl):
         )
         for _ in range(settings.input_sets)
     ]
-    embed = compiled(impl, lambda imgs, noise: model._embed_and_mask(imgs, RATIO, noise)[0])
 
-    def step(imgs, noise, grad):
-        with settings.autocast():
-            x = embed(imgs, noise)
-        x.backward(grad)
+    def make_step(impl):
+        model = op_model(impl, settings.device)
+        embed = compiled(impl, lambda imgs, noise: model._embed_and_mask(imgs, RATIO, noise)[0])
 
-    pixels = n * KEEP * PIXELS * 4
-    tokens = n * (KEEP + 1) * WIDTH * 4
-    masking = n * LENGTH * (4 + 8 + 4) + n * KEEP * 8
-    measure(step, inputs, bytes_moved=masking + 2 * pixels + 2 * tokens)
+        def step(imgs, noise, grad):
+            with settings.autocast():
+                x = embed(imgs, noise)
+            x.backward(grad)
+
+        return step
+
+    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
 
 
 @pytest.mark.benchmark(group="decoder-unshuffle")
 def test_decoder_unshuffle(benchmark, measure, settings, impl):
-    model = op_model(impl, settings.device)
     n, device = settings.batch, settings.device
     x_dtype = settings.autocast_dtype or torch.float32
     inputs = []
@@ -84,19 +83,20 @@ def test_decoder_unshuffle(benchmark, measure, settings, impl):
             n, KEEP + 1, DECODER_WIDTH, device=device, dtype=x_dtype, requires_grad=True
         )
         inputs.append((x, ids_restore, torch.randn(n, LENGTH + 1, DECODER_WIDTH, device=device)))
-    unshuffle = compiled(impl, model._unshuffle)
 
-    def step(x, ids_restore, grad):
-        unshuffle(x, ids_restore).backward(grad)
+    def make_step(impl):
+        unshuffle = compiled(impl, op_model(impl, settings.device)._unshuffle)
 
-    x_bytes = n * (KEEP + 1) * DECODER_WIDTH * element_size(x_dtype)
-    out_bytes = n * (LENGTH + 1) * DECODER_WIDTH * 4
-    measure(step, inputs, bytes_moved=2 * (x_bytes + out_bytes + n * LENGTH * 8))
+        def step(x, ids_restore, grad):
+            unshuffle(x, ids_restore).backward(grad)
+
+        return step
+
+    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
 
 
 @pytest.mark.benchmark(group="patchify")
 def test_patchify(benchmark, measure, settings, impl):
-    model = op_model(impl, settings.device)
     n, device = settings.batch, settings.device
     inputs = [
         (
@@ -105,34 +105,38 @@ def test_patchify(benchmark, measure, settings, impl):
         )
         for _ in range(settings.input_sets)
     ]
-    patchify = compiled(impl, model.patchify)
 
-    def step(imgs, grad):
-        patchify(imgs).backward(grad)
+    def make_step(impl):
+        patchify = compiled(impl, op_model(impl, settings.device).patchify)
 
-    measure(step, inputs, bytes_moved=4 * n * 3 * IMG * IMG * 4)
+        def step(imgs, grad):
+            patchify(imgs).backward(grad)
+
+        return step
+
+    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
 
 
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
 def test_loss(benchmark, measure, settings, impl, norm_pix):
     benchmark.group = "loss-normpix" if norm_pix else "loss-pix"
-    model = op_model(impl, settings.device, norm_pix)
     n, device = settings.batch, settings.device
     pred_dtype = settings.autocast_dtype or torch.float32
     inputs = []
     for _ in range(settings.input_sets):
         mask = torch.ones(n, LENGTH, device=device)
         mask.scatter_(1, torch.rand(n, LENGTH, device=device).argsort(1)[:, :KEEP], 0.0)
-        pred = torch.randn(n, LENGTH, PIXELS, device=device, dtype=pred_dtype, requires_grad=True)
-        inputs.append((torch.randn(n, 3, IMG, IMG, device=device), pred, mask))
-    loss_fn = compiled(impl, model.forward_loss)
+        # pred as the model makes it: the slice [:, 1:] of the decoder output (cls row first)
+        decoder_out = torch.randn(n, LENGTH + 1, PIXELS, device=device, dtype=pred_dtype)
+        decoder_out.requires_grad_()
+        inputs.append((torch.randn(n, 3, IMG, IMG, device=device), decoder_out, mask))
 
-    def step(imgs, pred, mask):
-        loss_fn(imgs, pred, mask).backward()
+    def make_step(impl):
+        loss_fn = compiled(impl, op_model(impl, settings.device, norm_pix).forward_loss)
 
-    removed = n * (LENGTH - KEEP) * PIXELS
-    pred_size = element_size(pred_dtype)
-    # forward and backward each read the removed patches' pixels and predictions and the mask;
-    # the backward writes every gradient row (zeros where kept).
-    reads = 2 * (removed * (4 + pred_size) + n * LENGTH * 4)
-    measure(step, inputs, bytes_moved=reads + n * LENGTH * PIXELS * pred_size)
+        def step(imgs, decoder_out, mask):
+            loss_fn(imgs, decoder_out[:, 1:], mask).backward()
+
+        return step
+
+    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))

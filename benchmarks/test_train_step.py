@@ -1,4 +1,5 @@
-"""A full training step: forward, backward and AdamW, reference vs fastmae, same weights."""
+"""A full training step: forward, backward and AdamW, official / reference / fastmae rows (and
+compile_blocks rows), same weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 import fastmae
 from fastmae import reference
+from fastmae.layers import set_fused_attn
 
 
 @pytest.mark.benchmark(group="train-step")
@@ -15,6 +17,10 @@ def test_train_step(benchmark, measure, settings, impl, model_name):
     module = fastmae if impl.startswith("fastmae") else reference
     torch.manual_seed(0)
     model = getattr(module, model_name)().to(settings.device)
+    if impl == "official":  # what facebookresearch/mae runs: timm 0.3.2's attention arithmetic
+        set_fused_attn(model, False)
+    if impl.endswith("+compile_blocks"):
+        fastmae.compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95))
     forward = torch.compile(model) if impl.endswith("+compile") else model
     size = model.patch_embed.img_size

@@ -41,6 +41,25 @@ if not HAS_TRITON:
 
 _LAUNCHES: Counter = Counter()
 
+# Bytes each fused op's kernels move, as functions of the op's arguments and outputs: the one
+# source for the benchmark summary's GB/s and the step accounting (python -m benchmarks.account).
+KERNEL_BYTES: dict = {}
+
+
+def kernel_bytes(op_name: str):
+    """Register ``fn(*args, outputs) -> int``: the bytes op ``op_name``'s kernels read and write
+    (each input read once, each output written once; small cache-resident tables once)."""
+
+    def register(fn):
+        KERNEL_BYTES[op_name] = fn
+        return fn
+
+    return register
+
+
+def nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""

@@ -12,7 +12,16 @@ and no host synchronisation (an all-kept mask gives 0 through ``where``, not a b
 
 import torch
 
-from ._triton import accumulation_dtype, block_size, launch, tl, triton, warps_for
+from ._triton import (
+    accumulation_dtype,
+    block_size,
+    kernel_bytes,
+    launch,
+    nbytes,
+    tl,
+    triton,
+    warps_for,
+)
 from .patchify import _patch_corner, _patch_offsets, gather_patches, scatter_patches
 
 EPS = 1e-6
@@ -427,6 +436,42 @@ def _(
 ):
     grad_imgs = torch.empty_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
     return grad_imgs, pred.new_empty(pred.shape)
+
+
+def _read_patch_bytes(imgs, pred, mask, all_patches) -> int:
+    """Pixels and predictions of the patches a loss kernel reads, plus the mask."""
+    read = mask.numel() if all_patches else int(torch.count_nonzero(mask))
+    pixels = pred.shape[-1]
+    return read * pixels * (imgs.element_size() + pred.element_size()) + nbytes(mask)
+
+
+@kernel_bytes("fastmae::masked_pixel_loss")
+def _loss_bytes(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton, outputs):
+    _, mean, rstd, _, patch_mse = outputs
+    stats = nbytes(mean) + nbytes(rstd) if norm_pix else 0
+    per_patch = mask.numel() * 4  # the per-patch losses, summed by torch
+    return _read_patch_bytes(imgs, pred, mask, all_patches) + stats + per_patch + nbytes(patch_mse)
+
+
+@kernel_bytes("fastmae::masked_pixel_loss_backward")
+def _loss_backward_bytes(
+    scale,
+    imgs,
+    pred,
+    mask,
+    mean,
+    rstd,
+    residual,
+    patch_size,
+    norm_pix,
+    grad_imgs,
+    use_triton,
+    outputs,
+):
+    grad_imgs_out, grad_pred = outputs
+    stats = nbytes(mean) + nbytes(rstd) if norm_pix else 0
+    written = nbytes(grad_pred) + 2 * nbytes(grad_imgs_out)  # grad_imgs: zero fill + writes
+    return _read_patch_bytes(imgs, pred, mask, False) + stats + written
 
 
 def _setup_loss(ctx, inputs, output):

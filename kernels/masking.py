@@ -10,7 +10,7 @@ The op is not differentiable (its outputs are indices and a 0/1 mask), so it has
 
 import torch
 
-from ._triton import block_size, launch, tl, triton
+from ._triton import block_size, kernel_bytes, launch, nbytes, tl, triton
 
 
 @triton.jit
@@ -115,6 +115,11 @@ def _(noise, len_keep, mask_dtype, use_triton):
         noise.new_empty(n, length, dtype=torch.int64),
         noise.new_empty(n, length, dtype=mask_dtype),
     )
+
+
+@kernel_bytes("fastmae::random_masking")
+def _masking_bytes(noise, len_keep, mask_dtype, use_triton, outputs):
+    return nbytes(noise) + sum(nbytes(out) for out in outputs)
 
 
 def masking_forward(noise: torch.Tensor, len_keep: int, use_triton: bool):

@@ -10,7 +10,7 @@ Each step is an op with its own backward, so autograd and torch.compile see the 
 
 import torch
 
-from ._triton import block_size, launch, tl, triton
+from ._triton import block_size, kernel_bytes, launch, nbytes, tl, triton
 from .patchify import gather_patches_op
 
 
@@ -115,6 +115,12 @@ def _(tokens, ids_keep, cls_token, pos_embed, use_triton):
         tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
     )
     return tokens.new_empty(n, keep + 1, width, dtype=out_dtype)
+
+
+@kernel_bytes("fastmae::add_positions")
+def _add_positions_bytes(tokens, ids_keep, cls_token, pos_embed, use_triton, outputs):
+    gathered_positions = tokens.numel() * pos_embed.element_size()
+    return nbytes(tokens) + nbytes(ids_keep) + gathered_positions + nbytes(outputs)
 
 
 def _setup_add_positions(ctx, inputs, output):

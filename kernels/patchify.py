@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import launch, tl, triton, warps_for
+from ._triton import kernel_bytes, launch, nbytes, tl, triton, warps_for
 
 
 @triton.jit
@@ -276,6 +276,19 @@ def scatter_patches_op(
 @scatter_patches_op.register_fake
 def _(patches, ids, patch_size, image_shape, channel_last, use_triton):
     return patches.new_empty(image_shape)
+
+
+@kernel_bytes("fastmae::gather_patches")
+def _gather_bytes(imgs, ids, patch_size, channel_last, use_triton, outputs):
+    ids_bytes = 0 if ids is None else nbytes(ids)
+    return 2 * nbytes(outputs) + ids_bytes  # the gathered pixels read, then written
+
+
+@kernel_bytes("fastmae::scatter_patches")
+def _scatter_bytes(patches, ids, patch_size, image_shape, channel_last, use_triton, outputs):
+    if ids is None:
+        return 2 * nbytes(patches)
+    return nbytes(outputs) + 2 * nbytes(patches) + nbytes(ids)  # zero fill, then the patches
 
 
 def _setup_gather(ctx, inputs, output):

@@ -12,7 +12,7 @@ atomics, so two runs give bit-identical ``mask_token`` gradients.
 
 import torch
 
-from ._triton import accumulation_dtype, block_size, launch, tl, triton
+from ._triton import accumulation_dtype, block_size, kernel_bytes, launch, nbytes, tl, triton
 
 
 @triton.jit
@@ -217,6 +217,17 @@ def _(grad_out, ids_restore, keep, x_dtype, use_triton):
         grad_out.new_empty(n, keep + 1, width, dtype=x_dtype),
         grad_out.new_empty(width, dtype=torch.float32),
     )
+
+
+@kernel_bytes("fastmae::unshuffle")
+def _unshuffle_bytes(x, ids_restore, mask_token, pos_embed, use_triton, outputs):
+    # Kept rows and the ids read, every row written; mask_token and pos_embed stay in cache.
+    return nbytes(x) + nbytes(ids_restore) + nbytes(pos_embed) + nbytes(outputs)
+
+
+@kernel_bytes("fastmae::unshuffle_backward")
+def _unshuffle_backward_bytes(grad_out, ids_restore, keep, x_dtype, use_triton, outputs):
+    return nbytes(grad_out) + nbytes(ids_restore) + sum(nbytes(out) for out in outputs)
 
 
 def _setup_unshuffle(ctx, inputs, output):

@@ -1,0 +1,368 @@
+"""Device-independent accounting of an MAE training step: reference vs fastmae.
+
+    python -m benchmarks.account [--models mae_vit_base_patch16,...] [--batch 8]
+                                 [--dtype bf16|fp32] [--profile h100-sxm]
+
+One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` that sees every
+op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
+input counts its distinct elements) and at its matmul/attention FLOPs; each fastmae fused op
+is counted at what its kernels move, from ``fastmae.kernels._triton.KERNEL_BYTES`` (the same
+functions the benchmark summary uses), whichever backend ran it. Saved activations are the
+tensors autograd keeps for backward, deduplicated by storage, parameters and autocast's weight
+copies left out (they do not grow with the batch). Ops are
+attributed to regions by module hooks, forward and backward. The modelled time is a roofline,
+``max(bytes / bandwidth, FLOPs / peak)`` per op, summed: a model, not a measurement. The
+numbers depend only on shapes and dtypes, so every run on every machine prints the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+import fastmae
+from fastmae import reference
+from fastmae.kernels._triton import KERNEL_BYTES
+
+REGIONS = (
+    "patch embedding and masking",
+    "encoder blocks",
+    "decoder input",
+    "decoder blocks",
+    "prediction and loss",
+)
+# The regions the fused ops replace: everything outside the transformer blocks but the GEMMs.
+FUSED_REGIONS = ("patch embedding and masking", "decoder input", "prediction and loss")
+PROFILES = {
+    # bandwidth in bytes/s (measured device copy, not the datasheet), peak matmul FLOP/s.
+    "h100-sxm": dict(bandwidth=3.0e12, peak={"bf16": 700e12, "fp32": 350e12}),
+}
+MATMUL_TYPES = ("GEMM", "attention")
+WEIGHT_CAST = "weight cast (once per step)"
+# Outputs a fused op keeps for its backward on the torch path only (the loss's weighted residual,
+# which makes the CPU backward one multiply); the Triton path saves an empty tensor instead.
+TORCH_PATH_ONLY_OUTPUTS = {"fastmae::masked_pixel_loss": (3,)}
+
+
+def op_type(name: str) -> str:
+    """A coarse class for an op, for the by-type table."""
+    if name.startswith("fastmae::"):
+        return "fastmae fused op"
+    base = name.split(".")[0].removeprefix("aten::").lstrip("_")
+    if base in ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"):
+        return "GEMM"
+    if "attention" in base:
+        return "attention"
+    if "layer_norm" in base:
+        return "LayerNorm"
+    if "gelu" in base:
+        return "GELU"
+    if base in ("to_copy", "copy", "clone", "contiguous"):
+        return "copy/cast"
+    if base in ("cat", "stack", "split_with_sizes", "unbind", "repeat"):
+        return "cat/stack/split"
+    if any(word in base for word in ("gather", "scatter", "index", "sort", "nonzero")):
+        return "gather/scatter/sort"
+    return "other elementwise/reduction"
+
+
+def distinct_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor view covers (a broadcast dimension counts once)."""
+    elements = 1
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * tensor.element_size() if tensor.numel() else 0
+
+
+def tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def eager_bytes(func, args, kwargs, out) -> int:
+    schema = func._schema
+    is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    if is_view or func in (torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default):
+        return 0
+    seen, total = set(), 0
+    for tensor in tensors_in((args, kwargs)):
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            total += distinct_bytes(tensor)
+    return total + sum(distinct_bytes(t) for t in tensors_in(out))
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    packet = func._overloadpacket
+    if packet in flop_registry:
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    name = str(packet)
+    if "scaled_dot_product" in name and "for_cpu" in name:  # CPU flash attention
+        if "backward" in name:
+            return int(sdpa_backward_flop_count(*(t.shape for t in args[:4])))
+        return int(sdpa_flop_count(*(t.shape for t in args[:3])))
+    return 0
+
+
+@dataclass
+class Tally:
+    bytes: dict = field(default_factory=lambda: defaultdict(int))  # (region, type) -> bytes
+    flops: dict = field(default_factory=lambda: defaultdict(int))
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+    saved: dict = field(default_factory=lambda: defaultdict(int))  # region -> bytes
+
+
+class Accountant(TorchDispatchMode):
+    """Counts every op's bytes and FLOPs under the current region; fused ops by their kernels."""
+
+    def __init__(self, tally: Tally, bandwidth: float, peak: float, parameters: set):
+        super().__init__()
+        self.tally, self.bandwidth, self.peak = tally, bandwidth, peak
+        self.parameters = parameters  # storages of the parameters, to tell weight casts apart
+        self.torch_path_only = set()  # storages of fused-op outputs the Triton path lacks
+        self.weight_casts = set()  # storages of autocast's weight copies: per step, not image
+        self.region = REGIONS[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # a fused op runs whole: its inner ops are not seen
+        name = str(func._schema.name)
+        if name in KERNEL_BYTES:
+            moved, flops = KERNEL_BYTES[name](*args, outputs=out, **kwargs), 0
+        else:
+            moved, flops = eager_bytes(func, args, kwargs, out), op_flops(func, args, kwargs, out)
+        kind = (self.region, op_type(name))
+        if kind[1] == "copy/cast" and args[0].untyped_storage().data_ptr() in self.parameters:
+            kind = (self.region, WEIGHT_CAST)
+            self.weight_casts.add(out.untyped_storage().data_ptr())
+        for index in TORCH_PATH_ONLY_OUTPUTS.get(name, ()):
+            self.torch_path_only.add(out[index].untyped_storage().data_ptr())
+        self.tally.bytes[kind] += moved
+        self.tally.flops[kind] += flops
+        self.tally.seconds[kind] += max(moved / self.bandwidth, flops / self.peak)
+        return out
+
+
+def region_hooks(model, accountant: Accountant):
+    """Forward pre-hooks and backward hooks that move ``accountant.region`` along the step."""
+
+    def enter(region):
+        def hook(*_):
+            accountant.region = region
+
+        return hook
+
+    first_decoder = model.decoder_blocks[0] if len(model.decoder_blocks) else model.decoder_norm
+    handles = [
+        model.blocks[0].register_forward_pre_hook(enter("encoder blocks")),
+        model.decoder_embed.register_forward_pre_hook(enter("decoder input")),
+        first_decoder.register_forward_pre_hook(enter("decoder blocks")),
+        model.decoder_pred.register_forward_pre_hook(enter("prediction and loss")),
+        # Backward runs the other way: leave each region when its first module is done.
+        model.decoder_norm.register_full_backward_pre_hook(enter("decoder blocks")),
+        first_decoder.register_full_backward_hook(enter("decoder input")),
+        model.norm.register_full_backward_pre_hook(enter("encoder blocks")),
+        model.blocks[0].register_full_backward_hook(enter("patch embedding and masking")),
+    ]
+    return handles
+
+
+def account_step(model, imgs, dtype: str, profile: dict) -> Tally:
+    """One forward+backward of ``model`` on ``imgs``, counted."""
+    tally = Tally()
+    peak = profile["peak"][dtype]
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    accountant = Accountant(tally, profile["bandwidth"], peak, parameters)
+    handles = region_hooks(model, accountant)
+    saved_storages = set()
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        skip = parameters | accountant.torch_path_only | accountant.weight_casts
+        if key not in skip and key not in saved_storages:
+            saved_storages.add(key)
+            tally.saved[accountant.region] += storage.nbytes()
+        return tensor
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    try:
+        with accountant, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            accountant.region = REGIONS[0]
+            with autocast:
+                loss, _, _ = model(imgs, mask_ratio=0.75)
+            accountant.region = "prediction and loss"
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tally
+
+
+def count_bytes(step, *args) -> int:
+    """Bytes one call ``step(*args)`` moves, eager ops and fused kernels counted as above: the
+    benchmark summary's GB/s and these tables come from the same functions."""
+    accountant = Accountant(Tally(), 1.0, 1.0, set())
+    with accountant:
+        step(*args)
+    return sum(accountant.tally.bytes.values())
+
+
+def mb(value: float) -> str:
+    return f"{value / 1e6:.1f}"
+
+
+def ratio(new: float, old: float) -> str:
+    return f"{new / old:.2f}x" if old else "-"
+
+
+def per_image_table(title, rows, header) -> str:
+    lines = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name: str) -> str:
+    ref, fused = tallies["reference"], tallies["fastmae"]
+    profile = PROFILES[profile_name]
+
+    def by_region(table, region):
+        return sum(v for (r, _), v in table.items() if r == region)
+
+    out = [f"### {model_name}, batch {batch}, {dtype}: per image (reference -> fastmae)", ""]
+    rows = [
+        [region, mb(ref.saved[region] / batch), mb(fused.saved[region] / batch)]
+        + [ratio(fused.saved[region], ref.saved[region])]
+        for region in REGIONS
+    ]
+    total_ref, total_fused = sum(ref.saved.values()), sum(fused.saved.values())
+    rows.append(["**step**", mb(total_ref / batch), mb(total_fused / batch)])
+    rows[-1].append(ratio(total_fused, total_ref))
+    out.append(
+        per_image_table(
+            "**Saved activations** (MB per image; tensors kept for backward, by storage)",
+            rows,
+            ["region", "reference", "fastmae", "ratio"],
+        )
+    )
+    rows = []
+    for region in REGIONS:
+        ref_bytes, fused_bytes = by_region(ref.bytes, region), by_region(fused.bytes, region)
+        rows.append(
+            [region, mb(ref_bytes / batch), mb(fused_bytes / batch), ratio(fused_bytes, ref_bytes)]
+            + [f"{by_region(ref.flops, region) / batch / 1e9:.2f}"]
+            + [f"{by_region(fused.flops, region) / batch / 1e9:.2f}"]
+        )
+
+    def non_matmul(tally):
+        aside = (*MATMUL_TYPES, WEIGHT_CAST)
+        return sum(
+            v for (r, kind), v in tally.bytes.items() if r in FUSED_REGIONS and kind not in aside
+        )
+
+    rows.append(
+        ["**masking, unshuffle and loss regions, GEMMs and weight casts aside**"]
+        + [mb(non_matmul(ref) / batch), mb(non_matmul(fused) / batch)]
+        + [ratio(non_matmul(fused), non_matmul(ref)), "", ""]
+    )
+    step_ref, step_fused = sum(ref.bytes.values()), sum(fused.bytes.values())
+    rows.append(
+        ["**step**", mb(step_ref / batch), mb(step_fused / batch), ratio(step_fused, step_ref)]
+        + [f"{sum(ref.flops.values()) / batch / 1e9:.2f}"]
+        + [f"{sum(fused.flops.values()) / batch / 1e9:.2f}"]
+    )
+    out += [
+        "",
+        per_image_table(
+            "**Traffic and FLOPs by region** (MB read + written, GFLOP, per image)",
+            rows,
+            ["region", "ref MB", "fastmae MB", "ratio", "ref GFLOP", "fastmae GFLOP"],
+        ),
+    ]
+    kinds = sorted({kind for _, kind in ref.bytes} | {kind for _, kind in fused.bytes})
+
+    def by_kind(table, kind):
+        return sum(v for (_, k), v in table.items() if k == kind)
+
+    rows = [
+        [kind, mb(by_kind(ref.bytes, kind) / batch), mb(by_kind(fused.bytes, kind) / batch)]
+        for kind in kinds
+    ]
+    out += [
+        "",
+        per_image_table(
+            "**Traffic by op type** (MB per image)", rows, ["op type", "reference", "fastmae"]
+        ),
+    ]
+    time_ref, time_fused = sum(ref.seconds.values()), sum(fused.seconds.values())
+    assumptions = (
+        f"{profile_name}: {profile['bandwidth'] / 1e12:.1f} TB/s, "
+        f"{profile['peak'][dtype] / 1e12:.0f} TFLOP/s {dtype} matmul; every op at its roofline "
+        "max(bytes / bandwidth, FLOPs / peak), no overlap, no launch overhead"
+    )
+    rows = [
+        [region]
+        + [f"{by_region(ref.seconds, region) / batch * 1e6:.1f}"]
+        + [f"{by_region(fused.seconds, region) / batch * 1e6:.1f}"]
+        for region in REGIONS
+    ]
+    rows.append(
+        ["**step**", f"{time_ref / batch * 1e6:.1f}", f"{time_fused / batch * 1e6:.1f}"]
+        + [f"speedup {time_ref / time_fused:.3f}x"]
+    )
+    for row in rows[:-1]:
+        row.append("")
+    out += [
+        "",
+        per_image_table(
+            f"**Modelled time** (a model, not a measurement: {assumptions}; us per image)",
+            rows,
+            ["region", "reference", "fastmae", ""],
+        ),
+    ]
+    return "\n".join(out)
+
+
+def build(module, model_name: str):
+    torch.manual_seed(0)
+    return getattr(module, model_name)()
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="mae_vit_base_patch16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="h100-sxm")
+    options = parser.parse_args(argv)
+    sections = []
+    for model_name in [m.strip() for m in options.models.split(",") if m.strip()]:
+        tallies = {}
+        for impl, module in (("reference", reference), ("fastmae", fastmae)):
+            model = build(module, model_name)
+            size = model.patch_embed.img_size
+            torch.manual_seed(1)
+            imgs = torch.randn(options.batch, model.patch_embed.in_chans, *size)
+            with fastmae.use_backend("torch"):
+                tallies[impl] = account_step(model, imgs, options.dtype, PROFILES[options.profile])
+        sections.append(report(model_name, tallies, options.batch, options.dtype, options.profile))
+    text = "\n\n".join(sections)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

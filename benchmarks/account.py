@@ -8,9 +8,11 @@ op. Each eager op is counted at the bytes it reads and writes (views are free; a
 input counts its distinct elements) and at its matmul/attention FLOPs; each fastmae fused op
 is counted at what its kernels move, from ``fastmae.kernels._triton.KERNEL_BYTES`` (the same
 functions the benchmark summary uses), whichever backend ran it. Saved activations are the
-tensors autograd keeps for backward, deduplicated by storage, parameters and autocast's weight
-copies left out (they do not grow with the batch). Ops are
-attributed to regions by module hooks, forward and backward. The modelled time is a roofline,
+tensors autograd keeps for backward, deduplicated by storage, leaving out parameters,
+autocast's weight copies and the input batch (memory the step holds anyway). Ops are
+attributed to regions by module hooks, forward and backward. Matmuls and attention are
+evaluated for their output shapes only (their values never decide an index), so a ViT-B step
+is counted in seconds. The modelled time is a roofline,
 ``max(bytes / bandwidth, FLOPs / peak)`` per op, summed: a model, not a measurement. The
 numbers depend only on shapes and dtypes, so every run on every machine prints the same.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 import fastmae
@@ -128,8 +131,18 @@ class Tally:
 class Accountant(TorchDispatchMode):
     """Counts every op's bytes and FLOPs under the current region; fused ops by their kernels."""
 
-    def __init__(self, tally: Tally, bandwidth: float, peak: float, parameters: set):
+    def __init__(
+        self,
+        tally: Tally,
+        bandwidth: float,
+        peak: float,
+        parameters: set,
+        shapes_only_matmuls=False,
+    ):
         super().__init__()
+        # Counting needs shapes, not values: the matmuls and attention (nearly all of a step's
+        # arithmetic) can skip theirs. Nothing downstream indexes by their values.
+        self.shapes_only_matmuls = shapes_only_matmuls
         self.tally, self.bandwidth, self.peak = tally, bandwidth, peak
         self.parameters = parameters  # storages of the parameters, to tell weight casts apart
         self.torch_path_only = set()  # storages of fused-op outputs the Triton path lacks
@@ -138,8 +151,11 @@ class Accountant(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)  # a fused op runs whole: its inner ops are not seen
         name = str(func._schema.name)
+        if self.shapes_only_matmuls and op_type(name) in MATMUL_TYPES:
+            out = shapes_only(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)  # a fused op runs whole: its inner ops are not seen
         if name in KERNEL_BYTES:
             moved, flops = KERNEL_BYTES[name](*args, outputs=out, **kwargs), 0
         else:
@@ -154,6 +170,21 @@ class Accountant(TorchDispatchMode):
         self.tally.flops[kind] += flops
         self.tally.seconds[kind] += max(moved / self.bandwidth, flops / self.peak)
         return out
+
+
+def shapes_only(func, args, kwargs):
+    """``func``'s outputs with the right shapes, strides and dtypes, left uninitialised."""
+
+    def to_meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    def materialise(value):
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+        return value
+
+    meta_args, meta_kwargs = tree_map(to_meta, (args, kwargs))
+    return tree_map(materialise, func(*meta_args, **meta_kwargs))
 
 
 def region_hooks(model, accountant: Accountant):
@@ -181,18 +212,21 @@ def region_hooks(model, accountant: Accountant):
 
 
 def account_step(model, imgs, dtype: str, profile: dict) -> Tally:
-    """One forward+backward of ``model`` on ``imgs``, counted."""
+    """One forward+backward of ``model`` on ``imgs``, counted. Saved tensors that are the
+    parameters, autocast's weight copies or the input batch (which the training loop holds
+    anyway) cost no activation memory and are left out, for both models alike."""
     tally = Tally()
     peak = profile["peak"][dtype]
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    accountant = Accountant(tally, profile["bandwidth"], peak, parameters)
+    inputs = {imgs.untyped_storage().data_ptr()}
+    accountant = Accountant(tally, profile["bandwidth"], peak, parameters, shapes_only_matmuls=True)
     handles = region_hooks(model, accountant)
     saved_storages = set()
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        skip = parameters | accountant.torch_path_only | accountant.weight_casts
+        skip = parameters | inputs | accountant.torch_path_only | accountant.weight_casts
         if key not in skip and key not in saved_storages:
             saved_storages.add(key)
             tally.saved[accountant.region] += storage.nbytes()
@@ -226,7 +260,7 @@ def mb(value: float) -> str:
 
 
 def ratio(new: float, old: float) -> str:
-    return f"{new / old:.2f}x" if old else "-"
+    return f"{new / old:.3f}x" if old else "-"
 
 
 def per_image_table(title, rows, header) -> str:

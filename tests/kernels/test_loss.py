@@ -75,3 +75,33 @@ def test_patch_too_large_for_one_block_is_refused():
     with pytest.raises(ValueError, match=r"at most 65536 pixels; got 65537"):
         loss._patch_block(65537)
     assert loss._patch_block(768) == 1024
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+def test_strided_pred_is_read_without_a_copy(backend, norm_pix):
+    """The model's pred is the slice [:, 1:] of the decoder output: read with its strides."""
+    n, length, pixels = 3, 4, 48
+    decoder_out = torch.randn(n, length + 1, pixels, requires_grad=True)
+    imgs = torch.randn(n, 3, 8, 8)
+    mask = (torch.rand(n, length) < 0.6).float()
+    mask[0, 0] = 1.0
+    twin = decoder_out.detach().clone().requires_grad_()
+    copies = []
+    original = torch.Tensor.contiguous
+
+    def record(self, *args, **kwargs):
+        if not self.is_contiguous():
+            copies.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.contiguous = record
+    try:
+        loss = functional.masked_pixel_loss(imgs, decoder_out[:, 1:], mask, 4, norm_pix)
+        loss.backward()
+    finally:
+        torch.Tensor.contiguous = original
+    assert copies == []
+    expected = reference.masked_pixel_loss(imgs, twin[:, 1:].contiguous(), mask, 4, norm_pix)
+    expected.backward()
+    assert rel_err(loss, expected) <= 1e-6
+    assert rel_err(decoder_out.grad, twin.grad) <= 1e-6

@@ -1,0 +1,59 @@
+"""python -m benchmarks.account: deterministic per-region counts that show the fused regions."""
+
+import torch
+
+import fastmae
+from benchmarks import account
+from fastmae import reference
+from fastmae.kernels import loss
+from fastmae.kernels._triton import KERNEL_BYTES
+from tests.helpers import TINY
+
+CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
+
+
+def tallies():
+    out = {}
+    for name, cls in (
+        ("reference", reference.MaskedAutoencoderViT),
+        ("fastmae", fastmae.MaskedAutoencoderViT),
+    ):
+        torch.manual_seed(0)
+        model = cls(**CONFIG)
+        torch.manual_seed(1)
+        imgs = torch.randn(4, 3, 8, 12)
+        with fastmae.use_backend("torch"):
+            out[name] = account.account_step(model, imgs, "fp32", account.PROFILES["h100-sxm"])
+    return out
+
+
+def test_accounting_is_deterministic_and_shows_the_fused_regions():
+    first, second = tallies(), tallies()
+    for name in first:
+        for table in ("bytes", "flops", "saved"):
+            assert dict(getattr(first[name], table)) == dict(getattr(second[name], table))
+    ref, fused = first["reference"], first["fastmae"]
+
+    def region_bytes(tally, region):
+        return sum(v for (r, _), v in tally.bytes.items() if r == region)
+
+    for region in account.FUSED_REGIONS:
+        assert region_bytes(fused, region) < region_bytes(ref, region), region
+    for region in ("encoder blocks", "decoder blocks"):  # the blocks are the same code
+        assert region_bytes(fused, region) == region_bytes(ref, region), region
+    assert any(kind == "fastmae fused op" for _, kind in fused.bytes)
+    assert sum(fused.saved.values()) < sum(ref.saved.values())
+    text = account.report("tiny", first, 4, "fp32", "h100-sxm")
+    for title in ("Saved activations", "Traffic and FLOPs by region", "by op type", "Modelled"):
+        assert title in text
+
+
+def test_loss_kernel_bytes_count_the_patches_read():
+    imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48, dtype=torch.bfloat16)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 0]])
+    args = (imgs, pred, mask, [4, 4], True, False, False)
+    outputs = loss.masked_pixel_loss_op(*args)
+    counted = KERNEL_BYTES["fastmae::masked_pixel_loss"](*args, outputs=outputs)
+    removed = 3  # patches with a nonzero weight: pixels fp32 + pred bf16 each
+    stats = 2 * 8 * 4  # mean and rstd of every patch slot, fp32
+    assert counted == removed * 48 * (4 + 2) + mask.numel() * 4 + stats + 8 * 4

@@ -10,6 +10,7 @@ holding ``model.safetensors`` or ``pytorch_model.bin``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -142,7 +143,7 @@ def _load_path(path: str) -> dict:
             f"writes (it starts with {head!r})"
         )
     # Official training checkpoints pickle an argparse.Namespace: allow exactly that.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with _allow_namespace():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -156,6 +157,15 @@ def _load_path(path: str) -> dict:
             ) from None
         except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
             raise ValueError(f"{path} is corrupt or truncated: {_first_line(error)}") from None
+
+
+def _allow_namespace():
+    """A context allowing argparse.Namespace in weights_only loads; torch 2.4 has no context
+    manager for it, only the process-wide allow-list, which then gets that one class."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
 
 
 # torch's refusal of a global: "Unsupported global: GLOBAL a.b ..." (torch <= 2.12) or

@@ -9,6 +9,7 @@ encoder's and the decoder's, not 32 blocks' worth) and needs no whole-graph capt
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -30,6 +31,12 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
             f"compile_blocks expects an MAE model with .blocks and .decoder_blocks, got "
             f"{type(inner).__name__}"
         )
+    config = torch._dynamo.config
+    if not getattr(config, "inline_inbuilt_nn_modules", True):
+        # torch < 2.5 specialises a graph on each module instance, so every block would compile
+        # its own (and blocks past the recompile limit would silently run eager). 2.5 made
+        # parameters graph inputs by default; ask for that here.
+        config.inline_inbuilt_nn_modules = True
     for block in blocks:
         block.compile(**compile_kwargs)
     return model

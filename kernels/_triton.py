@@ -9,6 +9,7 @@ Triton is a Linux-only dependency: without it (or with a Triton too old for the 
 from __future__ import annotations
 
 import os
+import typing
 from collections import Counter
 
 import torch
@@ -39,6 +40,9 @@ if not HAS_TRITON:
 
     triton = tl = _Missing()
 
+# Custom-op annotations that torch 2.4's schema inference reads (it predates list[int]).
+IntList = typing.List[int]  # noqa: UP006
+
 _LAUNCHES: Counter = Counter()
 
 # Bytes each fused op's kernels move, as functions of the op's arguments and outputs: the one
@@ -61,9 +65,15 @@ def nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+# Read once: Triton decides at import whether its kernels are interpreted, and torch.compile
+# (before torch 2.5) cannot trace a read of os.environ.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1`` when
+    fastmae was imported)."""
+    return _INTERPRETING
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

@@ -13,6 +13,7 @@ and no host synchronisation (an all-kept mask gives 0 through ``where``, not a b
 import torch
 
 from ._triton import (
+    IntList,
     accumulation_dtype,
     block_size,
     kernel_bytes,
@@ -355,7 +356,7 @@ def masked_pixel_loss_op(
     imgs: torch.Tensor,
     pred: torch.Tensor,
     mask: torch.Tensor,
-    patch_size: list[int],
+    patch_size: IntList,
     norm_pix: bool,
     all_patches: bool,
     use_triton: bool,
@@ -400,7 +401,7 @@ def masked_pixel_loss_backward_op(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     residual: torch.Tensor,
-    patch_size: list[int],
+    patch_size: IntList,
     norm_pix: bool,
     grad_imgs_needed: bool,
     use_triton: bool,

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import kernel_bytes, launch, nbytes, tl, triton, warps_for
+from ._triton import IntList, kernel_bytes, launch, nbytes, tl, triton, warps_for
 
 
 @triton.jit
@@ -245,7 +245,7 @@ def scatter_patches(
 def gather_patches_op(
     imgs: torch.Tensor,
     ids: Optional[torch.Tensor],
-    patch_size: list[int],
+    patch_size: IntList,
     channel_last: bool,
     use_triton: bool,
 ) -> torch.Tensor:
@@ -264,8 +264,8 @@ def _(imgs, ids, patch_size, channel_last, use_triton):
 def scatter_patches_op(
     patches: torch.Tensor,
     ids: Optional[torch.Tensor],
-    patch_size: list[int],
-    image_shape: list[int],
+    patch_size: IntList,
+    image_shape: IntList,
     channel_last: bool,
     use_triton: bool,
 ) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """fastmae in real training setups: torch.compile, autocast, DDP, and no host synchronisation."""
 
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -128,9 +130,15 @@ def test_no_host_synchronisation_in_a_step():
     originals = {name: getattr(torch.Tensor, name) for name in names}
     original_nonzero = torch.nonzero
 
+    package_dirs = tuple(
+        str(pathlib.Path(module.__file__).parent) for module in (fastmae, fastmae.kernels)
+    )
+
     def recorder(name, original):
         def record(*args, **kwargs):
-            calls.append(name)
+            # fastmae's own code only: Triton's CPU interpreter moves tensors itself.
+            if sys._getframe(1).f_code.co_filename.startswith(package_dirs):
+                calls.append(name)
             return original(*args, **kwargs)
 
         return record
@@ -196,9 +204,11 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 def test_compile_caches_are_keyed_by_the_op_sources():
     """A warm torch.compile cache must not serve a graph built against other fastmae op code."""
     import hashlib
-    import pathlib
 
     import fastmae.kernels
+
+    if not hasattr(torch.compiler, "config") or not hasattr(torch.compiler.config, "cache_key_tag"):
+        pytest.skip(f"torch {torch.__version__} has no compile cache-key tag to extend")
 
     digest = hashlib.sha256()
     for path in sorted(pathlib.Path(fastmae.kernels.__file__).parent.glob("*.py")):

@@ -1,4 +1,5 @@
-"""The reference MAE against the official semantics (DESIGN.md section 1), point by point."""
+"""The reference MAE against the official semantics of facebookresearch/mae's models_mae.py
+(constructor, state_dict, initialisation, masking draw, patch order, loss), point by point."""
 
 import math
 

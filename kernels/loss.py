@@ -455,20 +455,8 @@ def _loss_bytes(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton,
 
 
 @kernel_bytes("fastmae::masked_pixel_loss_backward")
-def _loss_backward_bytes(
-    scale,
-    imgs,
-    pred,
-    mask,
-    mean,
-    rstd,
-    residual,
-    patch_size,
-    norm_pix,
-    grad_imgs,
-    use_triton,
-    outputs,
-):
+def _loss_backward_bytes(*args, outputs):
+    _, imgs, pred, mask, mean, rstd, _, _, norm_pix = args[:9]  # the backward op's arguments
     grad_imgs_out, grad_pred = outputs
     stats = nbytes(mean) + nbytes(rstd) if norm_pix else 0
     written = nbytes(grad_pred) + 2 * nbytes(grad_imgs_out)  # grad_imgs: zero fill + writes

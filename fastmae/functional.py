@@ -9,8 +9,8 @@ distinct (``ids_keep``) or a permutation (``ids_restore``). That check reads the
 a synchronisation on CUDA that also breaks CUDA-graph capture and adds a graph break under
 torch.compile. Pass ``validate_ids=False`` for ids you made yourself (the model does, with the
 ids its masking just produced). Unchecked ids are still memory-safe: every kernel masks its
-accesses, and an id outside ``[0, L)`` contributes zeros; but repeated ids then give a wrong
-backward, since each op's backward writes each kept row once.
+accesses, and an id outside ``[0, L)`` contributes zeros; but repeated or missing ids then
+give a wrong backward, since each op's backward writes each kept row once.
 """
 
 from __future__ import annotations

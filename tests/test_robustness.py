@@ -163,8 +163,14 @@ def test_garbage_ids_unchecked_do_not_crash(backend, fresh_seed):
     assert torch.allclose(unshuffled[0, 4], x[0, 1] + dec_pos[0, 4], atol=1e-6)  # rank 0
     assert torch.allclose(unshuffled[0, 1], dec_pos[0, 1], atol=1e-6)  # rank -7: nothing
     assert torch.allclose(unshuffled[1, 4], dec_pos[0, 4], atol=1e-6)  # rank 2**40: nothing
-    for grads in got["embed_grads"] + got["unshuffle_grads"]:
+    for grads in got["embed_grads"]:  # zero-initialised buffers: defined for any ids
         assert torch.isfinite(torch.tensor(grads)).all()
+    # Rows of x that no valid rank names get no defined gradient (the kernel writes each kept
+    # row once, with no zero fill); the rows that are named get theirs, the mask token its sum.
+    x_grad, token_grad = (torch.tensor(g) for g in got["unshuffle_grads"])
+    assert torch.equal(x_grad[:, 0], torch.ones(2, 5))  # cls rows
+    assert torch.equal(x_grad[0, 1], torch.ones(5)) and torch.equal(x_grad[1, 2], torch.ones(5))
+    assert torch.equal(token_grad, torch.ones(1, 1, 5))  # one masked position (rank 3)
     if backend == "triton":  # the torch path gives the same answer
         other = run_garbage("torch", fresh_seed)
         for key in ("embed", "unshuffle"):

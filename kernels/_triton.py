@@ -61,6 +61,13 @@ def kernel_bytes(op_name: str):
     return register
 
 
+def ids_in_range(ids: torch.Tensor, upper: int):
+    """The torch paths' twin of the kernels' masked id accesses: ``ids`` with every entry
+    outside ``[0, upper)`` replaced by 0 (safe to index with), and the ``in range`` mask."""
+    in_range = (ids >= 0) & (ids < upper)
+    return torch.where(in_range, ids, 0), in_range
+
+
 def nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

@@ -10,7 +10,7 @@ Each step is an op with its own backward, so autograd and torch.compile see the 
 
 import torch
 
-from ._triton import block_size, kernel_bytes, launch, nbytes, tl, triton
+from ._triton import block_size, ids_in_range, kernel_bytes, launch, nbytes, tl, triton
 from .patchify import gather_patches_op
 
 
@@ -70,11 +70,9 @@ def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
     )
     out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
     if not use_triton:
-        num_patches = pos_embed.shape[0] - 1
-        in_range = ((ids_keep >= 0) & (ids_keep < num_patches))[..., None]
-        positions = pos_embed[1:][torch.where(in_range[..., 0], ids_keep, 0)]
+        safe_ids, in_range = ids_in_range(ids_keep, pos_embed.shape[0] - 1)
         out[:, 0] = cls_token + pos_embed[0]
-        out[:, 1:] = tokens + torch.where(in_range, positions, 0)
+        out[:, 1:] = tokens + torch.where(in_range[..., None], pos_embed[1:][safe_ids], 0)
         return out
     block_t, block_d = 16, block_size(width, 128)
     grid = (n, triton.cdiv(keep + 1, block_t), triton.cdiv(width, block_d))
@@ -142,8 +140,8 @@ def _backward_add_positions(ctx, grad_out):
         # once, so a per-image scatter followed by a sum is exact and deterministic. Ids out
         # of range (possible only unchecked) add zeros to row 0 instead of indexing outside.
         n, _, width = grad_out.shape
-        in_range = (ids_keep >= 0) & (ids_keep < ctx.pos_rows - 1)
-        index = torch.where(in_range, ids_keep, 0)[..., None].expand(-1, -1, width)
+        safe_ids, in_range = ids_in_range(ids_keep, ctx.pos_rows - 1)
+        index = safe_ids[..., None].expand(-1, -1, width)
         per_image = grad_out.new_zeros(n, ctx.pos_rows - 1, width)
         per_image.scatter_add_(1, index, torch.where(in_range[..., None], grad_out[:, 1:], 0))
         grad_pos = torch.cat([grad_out[:, 0].sum(0, keepdim=True), per_image.sum(0)]).to(pos_dtype)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import IntList, kernel_bytes, launch, nbytes, tl, triton, warps_for
+from ._triton import IntList, ids_in_range, kernel_bytes, launch, nbytes, tl, triton, warps_for
 
 
 @triton.jit
@@ -134,8 +134,7 @@ def _grid_index(ids: torch.Tensor, n: int, grid_w: int, num_patches: int):
     """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]``, and the
     ``[N, T]`` validity of each id; ids outside ``[0, L)`` are replaced by 0, as the kernel does.
     """
-    in_range = (ids >= 0) & (ids < num_patches)
-    ids = torch.where(in_range, ids, 0)
+    ids, in_range = ids_in_range(ids, num_patches)
     rows = torch.arange(n, device=ids.device)[:, None]
     return (rows, ids // grid_w, ids % grid_w), in_range
 

@@ -110,23 +110,6 @@ def grid_image(result: dict):
     return canvas
 
 
-def test_card(size=(224, 224)):
-    """A procedural test card (colour bars, gradients, a grid and circles) as a PIL RGB image."""
-    height, width = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
-    bars = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0], [1, 0, 1], [1, 0, 0], [0, 0, 1]])
-    image = bars[np.minimum((u * len(bars)).astype(int), len(bars) - 1)].astype(np.float32)
-    lower = v > 0.55
-    image[lower] = np.stack([u, 1 - u, 0.5 + 0.5 * np.sin(12 * u)], -1)[lower]
-    grid = ((x % 28) < 2) | ((y % 28) < 2)
-    image[grid] = 0.1
-    for cx, cy, r in ((0.3, 0.75, 0.12), (0.7, 0.75, 0.08)):
-        ring = np.abs(np.hypot(u - cx, v - cy) - r) < 0.012
-        image[ring] = 1.0
-    return _pil().fromarray((image * 255).astype(np.uint8))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastmae.visualize", description=__doc__.split("\n\n")[0]

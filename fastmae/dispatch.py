@@ -12,6 +12,11 @@ and the torch path computes float64 in float64, so ``model.double()`` is exact.
 
 Choose with the environment variable ``FASTMAE_BACKEND``, with :func:`set_backend`, or for a
 block of code with ``with fastmae.use_backend("torch"):``.
+
+The choice is process-wide: one module-level setting that every thread sees, like
+``torch.backends`` flags, so :func:`use_backend` in one thread changes the backend of the ops
+other threads run meanwhile. Under torch.compile the backend is read while tracing and baked
+into the compiled graph.
 """
 
 from __future__ import annotations

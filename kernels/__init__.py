@@ -20,9 +20,11 @@ from ._triton import HAS_TRITON, interpreting, launch_counts, reset_launch_count
 
 def _tag_compile_caches() -> None:
     """torch.compile's caches (Inductor's FX graph cache, AOTAutograd's cache) key a graph by its
-    text, not by the Python behind a custom op, so a fastmae whose op bodies or backward formulas
-    changed would be served the old compiled backward from a warm cache (seen with torch 2.13).
-    A digest of these op sources, appended to torch's cache-key tag, keys them in."""
+    text, not by the Python behind a custom op, so a fastmae whose op bodies, schemas or backward
+    formulas changed would be served the old compiled graph from a warm cache (seen with torch
+    2.13). A digest of these op sources, appended to torch's cache-key tag, keys them in. This is
+    the one guard against stale compiled graphs, for users and tests alike: the tests share
+    torch's default cache directory."""
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "cache_key_tag"):
         return

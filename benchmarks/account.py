@@ -6,13 +6,13 @@
 One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` that sees every
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
 input counts its distinct elements) and at its matmul/attention FLOPs; each fastmae fused op
-is counted at what its kernels move, from ``fastmae.kernels._triton.KERNEL_BYTES`` (the same
-functions the benchmark summary uses), whichever backend ran it. Saved activations are the
-tensors autograd keeps for backward, deduplicated by storage, leaving out parameters,
-autocast's weight copies and the input batch (memory the step holds anyway). Ops are
-attributed to regions by module hooks, forward and backward. Matmuls and attention are
-evaluated for their output shapes only (their values never decide an index), so a ViT-B step
-is counted in seconds. The modelled time is a roofline,
+is counted at what its kernels move, from ``fastmae.kernels._triton.FUSED_OPS`` (the same
+functions the benchmark summary and kernels/README.md's table use), whichever backend ran it.
+Saved activations are the tensors autograd keeps for backward, deduplicated by storage,
+leaving out parameters, autocast's weight copies and the input batch (memory the step holds
+anyway). Ops are attributed to regions by module hooks, forward and backward. Matmuls and
+attention are evaluated for their output shapes only (their values never decide an index), so
+a ViT-B step is counted in seconds. The modelled time is a roofline,
 ``max(bytes / bandwidth, FLOPs / peak)`` per op, summed: a model, not a measurement. The
 numbers depend only on shapes and dtypes, so every run on every machine prints the same.
 """
@@ -20,6 +20,7 @@ numbers depend only on shapes and dtypes, so every run on every machine prints t
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 import fastmae
 from fastmae import reference
-from fastmae.kernels._triton import KERNEL_BYTES
+from fastmae.kernels._triton import FUSED_OPS
 
 REGIONS = (
     "patch embedding and masking",
@@ -126,6 +127,7 @@ class Tally:
     flops: dict = field(default_factory=lambda: defaultdict(int))
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     saved: dict = field(default_factory=lambda: defaultdict(int))  # region -> bytes
+    fused: dict = field(default_factory=lambda: defaultdict(int))  # fused op name -> bytes
 
 
 class Accountant(TorchDispatchMode):
@@ -156,8 +158,9 @@ class Accountant(TorchDispatchMode):
             out = shapes_only(func, args, kwargs)
         else:
             out = func(*args, **kwargs)  # a fused op runs whole: its inner ops are not seen
-        if name in KERNEL_BYTES:
-            moved, flops = KERNEL_BYTES[name](*args, outputs=out, **kwargs), 0
+        if name in FUSED_OPS:
+            moved, flops = FUSED_OPS[name].bytes(*args, outputs=out, **kwargs), 0
+            self.tally.fused[name] += moved
         else:
             moved, flops = eager_bytes(func, args, kwargs, out), op_flops(func, args, kwargs, out)
         kind = (self.region, op_type(name))
@@ -253,6 +256,47 @@ def count_bytes(step, *args) -> int:
     with accountant:
         step(*args)
     return sum(accountant.tally.bytes.values())
+
+
+README_TABLE = ("<!-- fused-op-table:start -->", "<!-- fused-op-table:end -->")
+
+
+def fused_op_table(batch: int = 256, profile_name: str = "h100-sxm") -> str:
+    """kernels/README.md's byte table: what each fused op's kernels move in one ViT-B/16
+    training step (224 px, ratio 0.75, bf16 autocast), from the ops' registered byte counts.
+    The transformer blocks move none of it, so the model is built without them."""
+    torch.manual_seed(0)
+    model = fastmae.mae_vit_base_patch16(depth=0, decoder_depth=0)
+    imgs = torch.randn(batch, 3, *model.patch_embed.img_size)
+    tally = Tally()
+    with fastmae.use_backend("torch"), Accountant(tally, 1.0, 1.0, set(), True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = model(imgs, mask_ratio=0.75)
+        loss.backward()
+    bandwidth = PROFILES[profile_name]["bandwidth"]
+    rows = [
+        [f"`{name}`", ", ".join(f"`{k}`" for k in FUSED_OPS[name].kernels)]
+        + [mb(moved), f"{moved / bandwidth * 1e6:.0f}"]
+        for name, moved in tally.fused.items()
+    ]
+    total = sum(tally.fused.values())
+    rows.append(["**all**", "", mb(total), f"{total / bandwidth * 1e6:.0f}"])
+    header = ["op (in call order)", "kernels", "MB", f"floor us at {bandwidth / 1e12:.1f} TB/s"]
+    title = (
+        f"ViT-B/16, batch {batch}, 224 px, ratio 0.75, bf16 autocast, one forward+backward "
+        "(`python -m benchmarks.account --readme`):"
+    )
+    return title + "\n\n" + per_image_table("", rows, header).lstrip("\n")
+
+
+def write_readme_table(path: str, table: str) -> None:
+    """Replace the text between the README_TABLE markers of ``path`` with ``table``."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(README_TABLE[0]), text.index(README_TABLE[1])
+    text = f"{text[: start + len(README_TABLE[0])]}\n{table}\n{text[end:]}"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def mb(value: float) -> str:
@@ -381,7 +425,17 @@ def main(argv=None) -> str:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="h100-sxm")
+    parser.add_argument(
+        "--readme", action="store_true", help="rewrite kernels/README.md's fused-op byte table"
+    )
     options = parser.parse_args(argv)
+    if options.readme:
+        table = fused_op_table(profile_name=options.profile)
+        write_readme_table(
+            os.path.join(os.path.dirname(__file__), "..", "kernels", "README.md"), table
+        )
+        print(table)
+        return table
     sections = []
     for model_name in [m.strip() for m in options.models.split(",") if m.strip()]:
         tallies = {}

@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
-from fastmae.kernels._triton import block_size, warps_for
+from fastmae.kernels._triton import fused_kernel_names, kernel_name, row_tile_config
 
 ARCHS = (90, 80)
 MODELS = {"ViT-B/16": 768, "ViT-L/16": 1024}
@@ -42,157 +42,111 @@ def ptr(dtype):
     return ("ptr", dtype)
 
 
+def pointers(spec: str) -> dict:
+    """``"out=fp32 x=bf16"`` -> ``{"out_ptr": ("ptr", "fp32"), "x_ptr": ("ptr", "bf16")}``."""
+    return {f"{name}_ptr": ptr(dtype) for name, dtype in (p.split("=") for p in spec.split())}
+
+
+def spec(label, kernel, args: dict, constexprs: dict, config: dict):
+    """One kernel spec; ``config`` is the launcher's own, from its launch-config function."""
+    config = dict(config)
+    warps = config.pop("num_warps")
+    return label, kernel, args, {**constexprs, **config}, warps
+
+
 def kernel_specs(width: int):
-    """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes."""
-    loss_block = loss._patch_block(PIXELS)
+    """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes,
+    the block sizes and warps from the launchers' own configuration functions."""
     image = dict(C=CHANS, H=IMG, W=IMG, grid_w=IMG // PATCH)
+    sizes = dict(L=LENGTH, K=KEEP)
     specs = [
-        (
+        spec(
             f"masking{'' if dtype == 'fp32' else ' (bf16 noise, mask)'}",
             masking._masking_kernel,
-            dict(
-                ids_keep_ptr=ptr("i64"),
-                ids_restore_ptr=ptr("i64"),
-                mask_ptr=ptr(dtype),
-                noise_ptr=ptr(dtype),
-                L=LENGTH,
-                K=KEEP,
-            ),
-            dict(BLOCK_Q=block_size(LENGTH, 64), BLOCK_K=block_size(LENGTH, 64)),
-            4,
+            {**pointers(f"ids_keep=i64 ids_restore=i64 mask={dtype} noise={dtype}"), **sizes},
+            {},
+            masking.launch_config(LENGTH),
         )
         for dtype in ("fp32", "bf16")
     ]
-    tiles = patchify.tile_config(CHANS, (PATCH, PATCH))
-    tile_warps = tiles.pop("num_warps")
     for label, has_ids, channel_last, tokens in (
         ("kept patches (c,i,j)", True, False, KEEP),
         ("patchify (i,j,c)", False, True, LENGTH),
     ):
         for to_image in (False, True):
+            flags = dict(HAS_IDS=has_ids, CHANNEL_LAST=channel_last, TO_IMAGE=to_image)
             specs.append(
-                (
+                spec(
                     f"{'scatter' if to_image else 'gather'} {label}",
                     patchify._copy_patches_kernel,
-                    {
-                        "imgs_ptr": ptr("fp32"),
-                        "patches_ptr": ptr("fp32"),
-                        "ids_ptr": ptr("i64"),
-                        "T": tokens,
-                        **image,
-                    },
-                    dict(
-                        PH=PATCH,
-                        PW=PATCH,
-                        HAS_IDS=has_ids,
-                        CHANNEL_LAST=channel_last,
-                        TO_IMAGE=to_image,
-                        **tiles,
-                    ),
-                    tile_warps,
+                    {**pointers("imgs=fp32 patches=fp32 ids=i64"), "T": tokens, **image},
+                    dict(PH=PATCH, PW=PATCH, **flags),
+                    patchify.launch_config(CHANS, (PATCH, PATCH)),
                 )
             )
-    embed_block_d = block_size(width, 128)
-    specs.append(
-        (
+    specs += [
+        spec(
             "add positions (bf16 GEMM out)",
             patch_embed._add_positions_kernel,
-            dict(
-                out_ptr=ptr("fp32"),
-                tokens_ptr=ptr("bf16"),
-                ids_keep_ptr=ptr("i64"),
-                cls_ptr=ptr("fp32"),
-                pos_ptr=ptr("fp32"),
-                K=KEEP,
-                L=LENGTH,
-                D=width,
-            ),
-            dict(BLOCK_T=16, BLOCK_D=embed_block_d),
-            4,
-        )
-    )
-    unshuffle_block_d, _ = unshuffle._tiles(1, LENGTH, DECODER)
-    specs.append(
-        (
+            {
+                **pointers("out=fp32 tokens=bf16 ids_keep=i64 cls=fp32 pos=fp32"),
+                **sizes,
+                "D": width,
+            },
+            {},
+            row_tile_config(width),
+        ),
+        spec(
             "unshuffle fwd (bf16 x)",
             unshuffle._unshuffle_fwd_kernel,
-            dict(
-                out_ptr=ptr("fp32"),
-                x_ptr=ptr("bf16"),
-                ids_restore_ptr=ptr("i64"),
-                mask_token_ptr=ptr("fp32"),
-                pos_ptr=ptr("fp32"),
-                L=LENGTH,
-                K=KEEP,
-                D=DECODER,
-            ),
-            dict(BLOCK_T=unshuffle._BLOCK_T, BLOCK_D=unshuffle_block_d),
-            4,
-        )
-    )
-    specs.append(
-        (
+            {**pointers("out=fp32 x=bf16 ids_restore=i64 mask_token=fp32 pos=fp32"), **sizes}
+            | {"D": DECODER},
+            {},
+            row_tile_config(DECODER),
+        ),
+        spec(
             "unshuffle bwd",
             unshuffle._unshuffle_bwd_kernel,
-            dict(
-                grad_x_ptr=ptr("bf16"),
-                mask_token_partial_ptr=ptr("fp32"),
-                grad_out_ptr=ptr("fp32"),
-                ids_restore_ptr=ptr("i64"),
-                L=LENGTH,
-                K=KEEP,
-                D=DECODER,
-            ),
-            dict(BLOCK_T=unshuffle._BLOCK_T, BLOCK_D=unshuffle_block_d),
-            4,
-        )
-    )
+            {
+                **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids_restore=i64"),
+                **sizes,
+                "D": DECODER,
+            },
+            {},
+            row_tile_config(DECODER),
+        ),
+    ]
+    loss_inputs = {**pointers("pred=bf16 imgs=fp32 mask=fp32"), "L": LENGTH, **image}
+    loss_inputs.update(P=PIXELS, **PRED_STRIDES)
     for norm_pix in (False, True):
         suffix = " normpix" if norm_pix else ""
+        constexprs = dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix)
         specs.append(
-            (
+            spec(
                 f"loss fwd{suffix} (bf16 pred)",
                 loss._masked_loss_fwd_kernel,
-                dict(
-                    patch_loss_ptr=ptr("fp32"),
-                    patch_mse_ptr=ptr("fp32"),
-                    mean_ptr=ptr("fp32"),
-                    rstd_ptr=ptr("fp32"),
-                    pred_ptr=ptr("bf16"),
-                    imgs_ptr=ptr("fp32"),
-                    mask_ptr=ptr("fp32"),
-                    L=LENGTH,
-                    **image,
-                    P=PIXELS,
-                    **PRED_STRIDES,
-                    eps=("fp32", loss.EPS),
-                ),
-                dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix, ALL_PATCHES=False, BLOCK=loss_block),
-                warps_for(loss_block),
+                {
+                    **pointers("patch_loss=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
+                    **loss_inputs,
+                    "eps": ("fp32", loss.EPS),
+                },
+                dict(ALL_PATCHES=False, **constexprs),
+                loss.launch_config(PIXELS),
             )
         )
         specs.append(
-            (
+            spec(
                 f"loss bwd{suffix} (bf16 pred)",
                 loss._masked_loss_bwd_kernel,
-                dict(
-                    grad_pred_ptr=ptr("bf16"),
-                    grad_imgs_ptr=ptr("fp32"),
-                    scale_ptr=ptr("fp32"),
-                    pred_ptr=ptr("bf16"),
-                    imgs_ptr=ptr("fp32"),
-                    mask_ptr=ptr("fp32"),
-                    mean_ptr=ptr("fp32"),
-                    rstd_ptr=ptr("fp32"),
-                    L=LENGTH,
-                    **image,
-                    P=PIXELS,
-                    **PRED_STRIDES,
-                ),
-                dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix, GRAD_IMGS=False, BLOCK=loss_block),
-                warps_for(loss_block),
+                {**pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 mean=fp32 rstd=fp32")}
+                | loss_inputs,
+                dict(GRAD_IMGS=False, **constexprs),
+                loss.launch_config(PIXELS),
             )
         )
+    covered = {kernel_name(spec[1]) for spec in specs}
+    registered = fused_kernel_names()
+    assert covered == registered, f"kernels without a spec: {sorted(registered - covered)}"
     return specs
 
 

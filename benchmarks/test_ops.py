@@ -1,7 +1,8 @@
 """Per-op groups, forward+backward at ViT-B/16 sizes (224 px, D 768, decoder 512, ratio 0.75).
 
-Each group calls the models' own step for that op (reference vs fastmae), so the benchmark
-times exactly what a training step runs. ``bytes`` is what the fastmae step moves through
+Each group times what a training step runs for that op, reference vs fastmae: the models'
+``forward_encoder`` with no blocks (embedding, masking, cls, final LayerNorm), the decoder
+unshuffle op, ``patchify`` and ``forward_loss``. ``bytes`` is what the fastmae step moves through
 memory, forward plus backward, counted by :func:`benchmarks.account.count_bytes` from the
 kernels' own byte counts (each input read once, each output written once) and the eager ops
 around them; every row of a group is rated against that figure.
@@ -9,12 +10,14 @@ around them; every row of a group is rated against that figure.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import fastmae
 from benchmarks.account import count_bytes
-from fastmae import reference
+from fastmae import functional, reference
 
 IMG, PATCH, WIDTH, DECODER_WIDTH, RATIO = 224, 16, 768, 512, 0.75
 LENGTH = (IMG // PATCH) ** 2
@@ -60,7 +63,7 @@ def test_masking_encoder_input(benchmark, measure, settings, impl):
 
     def make_step(impl):
         model = op_model(impl, settings.device)
-        embed = compiled(impl, lambda imgs, noise: model._embed_and_mask(imgs, RATIO, noise)[0])
+        embed = compiled(impl, lambda imgs, noise: model.forward_encoder(imgs, RATIO, noise)[0])
 
         def step(imgs, noise, grad):
             with settings.autocast():
@@ -85,10 +88,16 @@ def test_decoder_unshuffle(benchmark, measure, settings, impl):
         inputs.append((x, ids_restore, torch.randn(n, LENGTH + 1, DECODER_WIDTH, device=device)))
 
     def make_step(impl):
-        unshuffle = compiled(impl, op_model(impl, settings.device)._unshuffle)
+        model = op_model(impl, settings.device)
+        tables = (model.mask_token, model.decoder_pos_embed)
+        if impl.startswith("fastmae"):
+            unshuffle = functools.partial(functional.unshuffle_tokens, validate_ids=False)
+        else:
+            unshuffle = reference.unshuffle_tokens
+        unshuffle = compiled(impl, unshuffle)
 
         def step(x, ids_restore, grad):
-            unshuffle(x, ids_restore).backward(grad)
+            unshuffle(x, ids_restore, *tables).backward(grad)
 
         return step
 

@@ -1,4 +1,5 @@
-"""Input validation shared by the reference, the drop-in and the functional ops.
+"""Input validation shared by the reference, the drop-in and the functional ops: each public
+entry point checks its inputs once, with these, before any unchecked internal runs.
 
 Every error names what was expected and what came, so a wrong call fails loudly instead of
 reading memory it should not or returning a silently wrong answer.
@@ -10,6 +11,19 @@ import numbers
 
 import numpy as np
 import torch
+
+
+def to_2tuple(value, name: str) -> tuple[int, int]:
+    """An int or an ``(H, W)`` pair as a pair of positive ints; a TypeError/ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must hold positive ints, got {value!r}")
+    return pair
 
 
 def check_tensor(value, name: str) -> None:
@@ -113,6 +127,21 @@ def check_patch_rows(x, patch_size: tuple[int, int], grid_size: tuple[int, int])
             f"got shape {tuple(x.shape)}"
         )
     return x.shape[2] // (ph * pw)
+
+
+def check_loss_inputs(imgs, pred, mask, patch_size: tuple[int, int]) -> None:
+    """imgs floating ``[N, C, H, W]`` divisible by the patch; pred floating ``[N, L, ph*pw*C]``
+    and mask ``[N, L]`` on imgs' device."""
+    check_images(imgs, None, None)
+    n, c, height, width = imgs.shape
+    check_divisible(height, width, patch_size)
+    length = (height // patch_size[0]) * (width // patch_size[1])
+    check_floating(pred, "pred")
+    check_shape(pred, "pred", (n, length, patch_size[0] * patch_size[1] * c))
+    check_shape(mask, "mask", (n, length))
+    for name, tensor in (("pred", pred), ("mask", mask)):
+        if tensor.device != imgs.device:
+            raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")
 
 
 def check_index_values(op: str, name: str, ids: torch.Tensor, upper: int, distinct: bool) -> None:

@@ -4,13 +4,18 @@ Each op equals the official op sequence (see :mod:`fastmae.reference`) to float3
 (float64 inputs are computed in float64), has a backward, and makes no host synchronisation on
 the Triton path.
 
+Every public op checks its inputs, then calls its unchecked twin (the same name with a leading
+underscore), which picks the backend (:mod:`fastmae.dispatch`) and runs the custom op in
+``fastmae.kernels``. The drop-in model checks its inputs once per step and calls the unchecked
+twins.
+
 Index arguments (``ids_keep``, ``ids_restore``) are checked by value by default: in range, and
 distinct (``ids_keep``) or a permutation (``ids_restore``). That check reads the ids on the host,
 a synchronisation on CUDA that also breaks CUDA-graph capture and adds a graph break under
-torch.compile. Pass ``validate_ids=False`` for ids you made yourself (the model does, with the
-ids its masking just produced). Unchecked ids are still memory-safe: every kernel masks its
-accesses, and an id outside ``[0, L)`` contributes zeros; but repeated or missing ids then
-give a wrong backward, since each op's backward writes each kept row once.
+torch.compile. Pass ``validate_ids=False`` for ids you made yourself. Unchecked ids are still
+memory-safe: every kernel masks its accesses, and an id outside ``[0, L)`` contributes zeros;
+but repeated or missing ids then give a wrong backward, since each op's backward writes each
+kept row once.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ from __future__ import annotations
 import torch
 
 from fastmae import _checks
+from fastmae._checks import to_2tuple
 from fastmae.dispatch import use_triton
-from fastmae.kernels import loss as _loss
-from fastmae.kernels.masking import masking_forward
-from fastmae.kernels.patch_embed import embed_visible_patches as _embed_visible_patches
+from fastmae.kernels.loss import masked_pixel_loss_op
+from fastmae.kernels.masking import masking_op
+from fastmae.kernels.patch_embed import embed_visible_patches as _embed_kept_patches
 from fastmae.kernels.patchify import gather_patches_op, scatter_patches_op
 from fastmae.kernels.unshuffle import unshuffle_op
-from fastmae.layers import to_2tuple
 
 __all__ = [
     "random_masking_indices",
@@ -49,7 +54,13 @@ def random_masking_indices(noise: torch.Tensor, len_keep: int):
         raise TypeError(f"len_keep must be an int, got {len_keep!r}")
     if not 0 <= len_keep <= noise.shape[1]:
         raise ValueError(f"len_keep must be in [0, L={noise.shape[1]}], got {len_keep}")
-    return masking_forward(noise, len_keep, use_triton(noise))
+    return _random_masking_indices(noise, len_keep)
+
+
+def _random_masking_indices(noise, len_keep):
+    # The mask has the default dtype, as the official torch.ones; the op has no gradient.
+    mask_dtype = torch.get_default_dtype()
+    return masking_op(noise.detach(), len_keep, mask_dtype, use_triton(noise))
 
 
 def embed_visible_patches(
@@ -80,8 +91,12 @@ def embed_visible_patches(
         _checks.check_index_values(
             "embed_visible_patches", "ids_keep", ids_keep, num_patches, distinct=True
         )
+    return _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed)
+
+
+def _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
-    return _embed_visible_patches(
+    return _embed_kept_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
     )
 
@@ -106,14 +121,14 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, *, validate_ids: boo
         _checks.check_index_values(
             "unshuffle_tokens", "ids_restore", ids_restore, length, distinct=True
         )
+    return _unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
+
+
+def _unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
+    width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
-    return unshuffle_op(
-        x,
-        ids_restore.long(),
-        mask_token.reshape(width),
-        pos_embed.reshape(length + 1, width),
-        triton_path,
-    )
+    mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
+    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, triton_path)
 
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
@@ -121,16 +136,25 @@ def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
     patch_size = to_2tuple(patch_size, "patch_size")
     _checks.check_images(imgs, None, None)
     _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
+    return _patchify(imgs, patch_size)
+
+
+def _patchify(imgs, patch_size):
     return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
 
 
 def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
     """``[N, h*w, ph*pw*C]`` -> imgs ``[N, C, h*ph, w*pw]``; grid_size is ``(h, w)`` or an int."""
-    ph, pw = to_2tuple(patch_size, "patch_size")
-    h, w = to_2tuple(grid_size, "grid_size")
-    channels = _checks.check_patch_rows(x, (ph, pw), (h, w))
-    image_shape = (x.shape[0], channels, h * ph, w * pw)
-    return scatter_patches_op(x, None, [ph, pw], list(image_shape), True, use_triton(x))
+    patch_size = to_2tuple(patch_size, "patch_size")
+    grid_size = to_2tuple(grid_size, "grid_size")
+    _checks.check_patch_rows(x, patch_size, grid_size)
+    return _unpatchify(x, patch_size, grid_size)
+
+
+def _unpatchify(x, patch_size, grid_size):
+    (ph, pw), (h, w) = patch_size, grid_size
+    image_shape = [x.shape[0], x.shape[2] // (ph * pw), h * ph, w * pw]
+    return scatter_patches_op(x, None, [ph, pw], image_shape, True, use_triton(x))
 
 
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
@@ -143,16 +167,13 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
     does not reach the loss (unless mask requires grad: its gradient needs every patch's MSE).
     """
     patch_size = to_2tuple(patch_size, "patch_size")
-    _checks.check_images(imgs, None, None)
-    n, c, height, width = imgs.shape
-    _checks.check_divisible(height, width, patch_size)
-    length = (height // patch_size[0]) * (width // patch_size[1])
-    _checks.check_floating(pred, "pred")
-    _checks.check_shape(pred, "pred", (n, length, patch_size[0] * patch_size[1] * c))
-    _checks.check_shape(mask, "mask", (n, length))
-    for name, tensor in (("pred", pred), ("mask", mask)):
-        if tensor.device != imgs.device:
-            raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")
-    return _loss.masked_pixel_loss(
-        imgs, pred, mask, patch_size, bool(norm_pix_loss), use_triton(imgs, pred, mask)
-    )
+    _checks.check_loss_inputs(imgs, pred, mask, patch_size)
+    return _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+
+
+def _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss):
+    # The mask's gradient needs every patch's MSE, so only then are all patches read.
+    all_patches = mask.requires_grad and torch.is_grad_enabled()
+    triton_path = use_triton(imgs, pred, mask)
+    args = (imgs, pred, mask, list(patch_size), bool(norm_pix_loss), all_patches, triton_path)
+    return masked_pixel_loss_op(*args)[0]

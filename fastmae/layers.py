@@ -12,18 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def to_2tuple(value, name: str) -> tuple[int, int]:
-    """An int or an ``(H, W)`` pair as a pair of positive ints; a TypeError/ValueError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        pair = tuple(value)
-    else:
-        raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must hold positive ints, got {value!r}")
-    return pair
+from fastmae._checks import to_2tuple
 
 
 class PatchEmbed(nn.Module):

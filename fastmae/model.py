@@ -1,81 +1,113 @@
-"""The drop-in ``MaskedAutoencoderViT``: the official model with the fused ops plugged in.
+"""The drop-in ``MaskedAutoencoderViT``: the official model with the fused ops underneath.
 
-It inherits every module, the initialisation and the transformer blocks from the reference,
-and replaces only the tensor shuffling around them (masking, patch embedding of the kept
-patches, decoder unshuffle, patchify and the loss) with :mod:`fastmae.functional`.
+One training step, top to bottom (:meth:`MaskedAutoencoderViT.forward`):
+
+1. check the inputs, once (the fused ops below run unchecked);
+2. encoder: rank the mask noise (no argsort), embed only the K kept patches (gather + GEMM +
+   position, cls first), then the transformer blocks;
+3. decoder: embed, unshuffle with mask tokens and positions in one pass, blocks, prediction;
+4. loss: read the target pixels of the removed patches straight from the images.
+
+``forward`` and the official methods (``forward_encoder``, ``forward_decoder``,
+``forward_loss``) run the same unchecked steps ``_encoder``, ``_decoder`` and ``_loss``: a
+subclass that changes a step overrides those, and both routes see the change.
+
+The modules, their names and initialisation are :class:`fastmae.base.MaskedAutoencoderBase`'s,
+shared with :mod:`fastmae.reference`, so state_dicts load both ways and a seed gives the same
+initial weights and the same masks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastmae import _checks, functional, reference
+from fastmae import _checks, functional
+from fastmae.base import MaskedAutoencoderBase, draw_noise, make_factories, masking_noise
 
 
-class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
+class MaskedAutoencoderViT(MaskedAutoencoderBase):
     """Drop-in for ``models_mae.MaskedAutoencoderViT``: same constructor, state_dict, outputs,
     and masks under the same seed; the fused ops underneath."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs ``[N, C, H, W]`` -> ``(loss, pred [N, L, p*p*C], mask [N, L])``.
+
+        ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that decides the mask.
+        """
+        len_keep = self._check_step(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = self._encoder(imgs, len_keep, noise)
+        pred = self._decoder(latent, ids_restore)
+        loss = self._loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    def _encoder(self, imgs, len_keep: int, noise):
+        """-> latent ``[N, 1+K, D]``, mask ``[N, L]`` (1 = removed), ids_restore ``[N, L]``."""
+        n, num_patches = imgs.shape[0], self.patch_embed.num_patches
+        if noise is None:
+            noise = draw_noise(n, num_patches, imgs.device)
+        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+        proj = self.patch_embed.proj
+        x = functional._embed_visible_patches(
+            imgs, ids_keep, proj.weight, proj.bias, self.cls_token, self.pos_embed
+        )
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def _decoder(self, latent, ids_restore):
+        """-> pred ``[N, L, p*p*C]``, a strided view that the loss reads without a copy."""
+        x = self.decoder_embed(latent)
+        x = functional._unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def _loss(self, imgs, pred, mask):
+        """-> the 0-dim loss, averaged over the removed patches."""
+        patch_size = self.patch_embed.patch_size
+        return functional._masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss)
+
+    # -- the official methods, for callers that use them one at a time: each checks its inputs.
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """imgs ``[N, C, H, W]`` -> latent ``[N, 1+K, D]``, mask and ids_restore ``[N, L]``."""
+        return self._encoder(imgs, self._check_step(imgs, mask_ratio, noise), noise)
+
+    def forward_decoder(self, x, ids_restore):
+        """latent ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, p*p*C]``."""
+        self._check_decoder_inputs(x, ids_restore)
+        return self._decoder(x, ids_restore)
+
+    def forward_loss(self, imgs, pred, mask):
+        """imgs ``[N, C, H, W]``, pred ``[N, L, p*p*C]``, mask ``[N, L]`` (1 = removed) -> 0-dim."""
+        self._check_loss_inputs(imgs, pred, mask)
+        return self._loss(imgs, pred, mask)
 
     def patchify(self, imgs):
         """imgs ``[N, C, H, W]`` (any size the patch divides) -> ``[N, L, p*p*C]``."""
         self._check_channels(imgs)
-        return functional.patchify(imgs, self.patch_embed.patch_size)
+        patch_size = self.patch_embed.patch_size
+        _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
+        return functional._patchify(imgs, patch_size)
 
     def unpatchify(self, x):
         """``[N, L, p*p*C]`` -> imgs ``[N, C, H, W]``; the grid is the model's, or square."""
         return functional.unpatchify(x, self.patch_embed.patch_size, self._grid_of(x))
 
-    def _masking(self, batch: int, length: int, mask_ratio, noise, device):
-        keep = _checks.len_keep(length, mask_ratio)
-        if noise is None:
-            noise = reference.draw_noise(batch, length, device)
-        return functional.random_masking_indices(noise, keep)
-
     def random_masking(self, x, mask_ratio, noise=None):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore [N, L])``; L is
         x's, as in the official code, so any token sequence can be masked."""
+        _checks.check_tensor(x, "x")
         n, length, width = x.shape
-        if noise is not None:
-            _checks.check_noise(noise, n, length, x.device)
-        ids_keep, ids_restore, mask = self._masking(n, length, mask_ratio, noise, x.device)
+        len_keep = _checks.len_keep(length, mask_ratio)
+        noise = masking_noise(noise, n, length, x.device)
+        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
         x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
         return x_masked, mask, ids_restore
 
-    def _embed_and_mask(self, imgs, mask_ratio, noise):
-        num_patches = self.patch_embed.num_patches
-        ids_keep, ids_restore, mask = self._masking(
-            imgs.shape[0], num_patches, mask_ratio, noise, imgs.device
-        )
-        proj = self.patch_embed.proj
-        x = functional.embed_visible_patches(
-            imgs,
-            ids_keep,
-            proj.weight,
-            proj.bias,
-            self.cls_token,
-            self.pos_embed,
-            validate_ids=False,  # made by the masking just above: no host sync in a step
-        )
-        return x, mask, ids_restore
 
-    def _unshuffle(self, x, ids_restore):
-        return functional.unshuffle_tokens(
-            x, ids_restore, self.mask_token, self.decoder_pos_embed, validate_ids=False
-        )
-
-    def forward_loss(self, imgs, pred, mask):
-        """imgs ``[N, C, H, W]``, pred ``[N, L, p*p*C]``, mask ``[N, L]`` (1 = removed) -> 0-dim."""
-        self._check_images(imgs)
-        return functional.masked_pixel_loss(
-            imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss
-        )
-
-
-(
-    mae_vit_base_patch16_dec512d8b,
-    mae_vit_large_patch16_dec512d8b,
-    mae_vit_huge_patch14_dec512d8b,
-) = reference.make_factories(MaskedAutoencoderViT)
-mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
-mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
-mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+_base, _large, _huge = make_factories(MaskedAutoencoderViT)
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b = _base
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b = _large
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b = _huge

@@ -1,4 +1,5 @@
-"""Triton import shim, launch counting and the helpers every kernel file shares.
+"""Triton import shim, the fused-op registry, launch counting and the host-side helpers every
+kernel file shares (the shared ``@triton.jit`` helpers are in ``_jit.py``).
 
 Triton is a Linux-only dependency: without it (or with a Triton too old for the kernels and
 ``FASTMAE_BACKEND=torch``) the kernel modules still import (``@triton.jit`` becomes a no-op and
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import typing
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -45,20 +48,38 @@ IntList = typing.List[int]  # noqa: UP006
 
 _LAUNCHES: Counter = Counter()
 
-# Bytes each fused op's kernels move, as functions of the op's arguments and outputs: the one
-# source for the benchmark summary's GB/s and the step accounting (python -m benchmarks.account).
-KERNEL_BYTES: dict = {}
+
+@dataclass(frozen=True)
+class FusedOp:
+    """One ``fastmae::`` custom op: the Triton kernels its Triton path launches, and the bytes
+    those kernels move as a function ``bytes(*op_args, outputs) -> int`` (each input read once,
+    each output written once; small cache-resident tables once)."""
+
+    name: str
+    kernels: tuple[str, ...]
+    bytes: Callable
 
 
-def kernel_bytes(op_name: str):
-    """Register ``fn(*args, outputs) -> int``: the bytes op ``op_name``'s kernels read and write
-    (each input read once, each output written once; small cache-resident tables once)."""
+# Every fused op, registered by its kernel file: the one list the tests take their kernel
+# lists from, and the one source of the byte counts that the benchmark summary's GB/s, the step
+# accounting (python -m benchmarks.account) and kernels/README.md's table come from.
+FUSED_OPS: dict[str, FusedOp] = {}
 
-    def register(fn):
-        KERNEL_BYTES[op_name] = fn
-        return fn
+
+def fused_op(op_name: str, kernels: tuple = ()):
+    """Register the decorated byte-count function for custom op ``op_name``, which launches
+    the jit ``kernels`` on its Triton path."""
+
+    def register(count_bytes):
+        FUSED_OPS[op_name] = FusedOp(op_name, tuple(map(kernel_name, kernels)), count_bytes)
+        return count_bytes
 
     return register
+
+
+def fused_kernel_names() -> set[str]:
+    """The names of every Triton kernel some fused op launches."""
+    return {name for op in FUSED_OPS.values() for name in op.kernels}
 
 
 def ids_in_range(ids: torch.Tensor, upper: int):
@@ -83,10 +104,15 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def kernel_name(kernel) -> str:
+    """The Python name of a jit kernel (the plain function's where Triton is missing)."""
+    return getattr(kernel, "fn", kernel).__name__
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's name."""
     kernel[grid](*args, **kwargs)
-    _LAUNCHES[getattr(kernel, "fn", kernel).__name__] += 1
+    _LAUNCHES[kernel_name(kernel)] += 1
 
 
 def launch_counts() -> dict[str, int]:
@@ -96,6 +122,14 @@ def launch_counts() -> dict[str, int]:
 
 def reset_launch_counts() -> None:
     _LAUNCHES.clear()
+
+
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype torch's type promotion gives the official ops on ``tensors`` (``cat``, ``+``)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -112,3 +146,20 @@ def block_size(width: int, cap: int = 1024) -> int:
 def warps_for(block_elements: int) -> int:
     """Warps for a program touching ``block_elements`` values: about 8 values per thread."""
     return max(1, min(16, block_elements // 256))
+
+
+def row_tile_config(width: int) -> dict:
+    """Launch parameters of the row-tile kernels (add-positions, unshuffle forward and
+    backward): 16 rows of up to 128 columns per program, 4 warps."""
+    return dict(BLOCK_T=16, BLOCK_D=block_size(width, 128), num_warps=4)
+
+
+def row_tile_grid(n: int, rows: int, width: int) -> tuple[int, int, int]:
+    """Grid ``(N, cdiv(rows, BLOCK_T), cdiv(width, BLOCK_D))`` of a row-tile kernel."""
+    config = row_tile_config(width)
+    return (n, triton.cdiv(rows, config["BLOCK_T"]), triton.cdiv(width, config["BLOCK_D"]))
+
+
+def launch_row_tiles(kernel, n: int, rows: int, width: int, *args) -> None:
+    """Launch a row-tile kernel over an ``[n, rows, width]`` output (see ``_jit.row_tile``)."""
+    launch(kernel, row_tile_grid(n, rows, width), *args, **row_tile_config(width))

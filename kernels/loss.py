@@ -11,31 +11,25 @@ and no host synchronisation (an all-kept mask gives 0 through ``where``, not a b
 """
 
 import torch
+from torch import Tensor
 
+from ._jit import patch_corner, patch_offsets
 from ._triton import (
     IntList,
     accumulation_dtype,
     block_size,
-    kernel_bytes,
+    fused_op,
     launch,
     nbytes,
+    promoted_dtype,
     tl,
     triton,
     warps_for,
 )
-from .patchify import _patch_corner, _patch_offsets, gather_patches, scatter_patches
+from .patchify import gather_patches, scatter_patches
 
 EPS = 1e-6
 MAX_PATCH_PIXELS = 1 << 16  # one patch is one block of a program
-
-
-def _patch_block(pixels: int) -> int:
-    if pixels > MAX_PATCH_PIXELS:
-        raise ValueError(
-            f"the fused loss kernels hold a patch in one block, at most {MAX_PATCH_PIXELS} "
-            f"pixels; got {pixels} (use FASTMAE_BACKEND=torch for such patches)"
-        )
-    return block_size(pixels, MAX_PATCH_PIXELS)
 
 
 @triton.jit
@@ -53,10 +47,10 @@ def _load_target(
     BLOCK: tl.constexpr,
 ):
     """One patch's pixels in (i, j, c) order as fp32, their offsets in imgs and validity."""
-    corner, _ = _patch_corner(patch_row, imgs_ptr, L, C, H, W, grid_w, PH, PW, False)
+    corner, _ = patch_corner(patch_row, imgs_ptr, L, C, H, W, grid_w, PH, PW, False)
     element = tl.arange(0, BLOCK)
     valid = element < P
-    offsets = corner + _patch_offsets(element, C, H, W, PH, PW, True)
+    offsets = corner + patch_offsets(element, C, H, W, PH, PW, True)
     target = tl.load(imgs_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     return target, offsets, valid
 
@@ -180,6 +174,72 @@ def _masked_loss_bwd_kernel(
         )
 
 
+def launch_config(pixels: int) -> dict:
+    """Launch parameters of the loss kernels: one patch of ``pixels`` values per program."""
+    if pixels > MAX_PATCH_PIXELS:
+        raise ValueError(
+            f"the fused loss kernels hold a patch in one block, at most {MAX_PATCH_PIXELS} "
+            f"pixels; got {pixels} (use FASTMAE_BACKEND=torch for such patches)"
+        )
+    block = block_size(pixels, MAX_PATCH_PIXELS)
+    return dict(BLOCK=block, num_warps=warps_for(block))
+
+
+# The arguments both loss kernels take by these names, filled by _patch_arguments.
+_PATCH_ARGUMENTS = "pred_ptr imgs_ptr mask_ptr L C H W grid_w P stride_n stride_l stride_p".split()
+
+
+def _patch_arguments(imgs, pred, mask, patch_size, norm_pix) -> dict:
+    """The keyword arguments both loss kernels take: pred, imgs, mask, their geometry (pred's
+    strides included), the constexprs and the launch parameters."""
+    _, c, height, width = imgs.shape
+    ph, pw = patch_size
+    length, pixels = pred.shape[1], pred.shape[2]
+    values = (pred, imgs, mask, length, c, height, width, width // pw, pixels, *pred.stride())
+    constants = dict(PH=ph, PW=pw, NORM_PIX=norm_pix, **launch_config(pixels))
+    return dict(zip(_PATCH_ARGUMENTS, values), **constants)
+
+
+def _loss_forward_triton(imgs, pred, mask, patch_size, norm_pix, all_patches, mean, rstd, mse):
+    """Fills mean, rstd (with norm_pix) and mse (with all_patches) ``[N*L]``; returns the sum
+    over patches of mask * MSE and an empty residual (the kernels need none)."""
+    patch_loss = torch.empty(mask.numel(), dtype=torch.float32, device=pred.device)
+    if patch_loss.numel():
+        launch(
+            _masked_loss_fwd_kernel,
+            (patch_loss.numel(),),
+            patch_loss,
+            mse,
+            mean,
+            rstd,
+            eps=EPS,
+            ALL_PATCHES=all_patches,
+            **_patch_arguments(imgs, pred, mask, patch_size, norm_pix),
+        )
+    return patch_loss.sum(), pred.new_empty(0, 0, dtype=torch.float32)
+
+
+def _loss_backward_triton(
+    scale, imgs, pred, mask, mean, rstd, residual, patch_size, norm_pix, grad_imgs
+):
+    """-> (grad_imgs, or an empty tensor when not needed; grad_pred contiguous)."""
+    grad_pred = pred.new_empty(pred.shape)
+    grad_imgs_out = torch.zeros_like(imgs) if grad_imgs else imgs.new_empty(0)
+    if pred.numel():
+        launch(
+            _masked_loss_bwd_kernel,
+            (mask.numel(),),
+            grad_pred,
+            grad_imgs_out if grad_imgs else imgs,  # any pointer when GRAD_IMGS is off
+            scale,
+            mean_ptr=mean,
+            rstd_ptr=rstd,
+            GRAD_IMGS=grad_imgs,
+            **_patch_arguments(imgs, pred, mask, patch_size, norm_pix),
+        )
+    return grad_imgs_out, grad_pred
+
+
 def _inverse_mask_sum(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1 / sum(mask), or 0 when the sum is exactly 0, so that such a mask gives loss 0 (the
     official code gives NaN) and no gradient. Negative sums divide as the official code does."""
@@ -200,55 +260,6 @@ def _read_rows(imgs, pred, mask, patch_size, all_patches):
     patches = gather_patches(imgs, None, patch_size, True, False).reshape(-1, pred.shape[-1])
     target = patches.index_select(0, rows).to(dtype)
     return rows, flat_mask.index_select(0, rows).to(dtype), target
-
-
-def _loss_forward(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton):
-    """-> (sum over patches of mask * MSE, 0-dim; target mean and rstd ``[N*L]``, meaningful
-    at the patches read with norm_pix; the torch path's weighted residual ``[N*L, P]``; each
-    patch's MSE ``[N*L]`` with all_patches), all in the accumulation dtype."""
-    imgs, mask = imgs.contiguous(), mask.contiguous()
-    n, c, height, width = imgs.shape
-    ph, pw = patch_size
-    length, pixels = pred.shape[1], pred.shape[2]
-    dtype = accumulation_dtype(imgs, pred, mask)
-    mean = torch.zeros(n * length, dtype=dtype, device=pred.device)
-    rstd = torch.zeros_like(mean)
-    patch_mse = pred.new_empty(n * length if all_patches else 0, dtype=dtype)
-    if not use_triton:
-        total, residual = _loss_forward_torch(
-            imgs, pred, mask, patch_size, norm_pix, all_patches, mean, rstd, patch_mse
-        )
-        return total, mean, rstd, residual, patch_mse
-    patch_loss = torch.empty(n * length, dtype=torch.float32, device=pred.device)
-    if patch_loss.numel():
-        block = _patch_block(pixels)
-        launch(
-            _masked_loss_fwd_kernel,
-            (n * length,),
-            patch_loss,
-            patch_mse,
-            mean,
-            rstd,
-            pred,
-            imgs,
-            mask,
-            length,
-            c,
-            height,
-            width,
-            width // pw,
-            pixels,
-            *pred.stride(),
-            EPS,
-            PH=ph,
-            PW=pw,
-            NORM_PIX=norm_pix,
-            ALL_PATCHES=all_patches,
-            BLOCK=block,
-            num_warps=warps_for(block),
-        )
-    residual = pred.new_empty(0, 0, dtype=torch.float32)
-    return patch_loss.sum(), mean, rstd, residual, patch_mse
 
 
 def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, all_patches, mean, rstd, mse_out):
@@ -281,59 +292,14 @@ def _loss_forward_torch(imgs, pred, mask, patch_size, norm_pix, all_patches, mea
     return total, residual
 
 
-def _loss_backward(
-    scale,
-    imgs,
-    pred,
-    mask,
-    mean,
-    rstd,
-    residual,
-    patch_size,
-    norm_pix,
-    grad_imgs_needed,
-    use_triton,
+def _loss_backward_torch(
+    scale, imgs, pred, mask, mean, rstd, residual, patch_size, norm_pix, grad_imgs
 ):
-    """scale ``[1]`` = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs or an empty tensor,
-    grad_pred contiguous). ``residual`` is the torch path's forward residual (empty on the
-    Triton path)."""
-    imgs, mask = imgs.contiguous(), mask.contiguous()
-    n, c, height, width = imgs.shape
-    ph, pw = patch_size
-    length, pixels = pred.shape[1], pred.shape[2]
-    if use_triton:
-        grad_pred = pred.new_empty(pred.shape)
-        grad_imgs = torch.zeros_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
-        if pred.numel():
-            block = _patch_block(pixels)
-            launch(
-                _masked_loss_bwd_kernel,
-                (n * length,),
-                grad_pred,
-                grad_imgs if grad_imgs_needed else imgs,
-                scale,
-                pred,
-                imgs,
-                mask,
-                mean,
-                rstd,
-                length,
-                c,
-                height,
-                width,
-                width // pw,
-                pixels,
-                *pred.stride(),
-                PH=ph,
-                PW=pw,
-                NORM_PIX=norm_pix,
-                GRAD_IMGS=grad_imgs_needed,
-                BLOCK=block,
-                num_warps=warps_for(block),
-            )
-        return grad_imgs, grad_pred
+    """The backward from the forward's weighted residual: grad_pred is one multiply, and
+    grad_imgs (if needed) goes back through the (normalised) target."""
+    pixels = pred.shape[-1]
     grad_pred = (residual * scale).to(pred.dtype).view(pred.shape)
-    if not grad_imgs_needed:
+    if not grad_imgs:
         return imgs.new_empty(0), grad_pred
     rows, _, target = _read_rows(imgs, pred, mask, patch_size, False)
     grad_target = -(residual.index_select(0, rows) * scale)
@@ -347,33 +313,34 @@ def _loss_backward(
         )
     grad_patches = torch.zeros(pred.shape, dtype=imgs.dtype, device=imgs.device)
     grad_patches.view(-1, pixels).index_copy_(0, rows, grad_target.to(imgs.dtype))
-    grad_imgs = scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False)
-    return grad_imgs, grad_pred
+    return scatter_patches(grad_patches, None, patch_size, imgs.shape, True, False), grad_pred
 
 
 @torch.library.custom_op("fastmae::masked_pixel_loss", mutates_args=())
 def masked_pixel_loss_op(
-    imgs: torch.Tensor,
-    pred: torch.Tensor,
-    mask: torch.Tensor,
+    imgs: Tensor,
+    pred: Tensor,
+    mask: Tensor,
     patch_size: IntList,
     norm_pix: bool,
     all_patches: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss 0-dim in the promotion of the three dtypes, as the official code gives; then,
     kept for the backward in the accumulation dtype: target mean and rstd ``[N*L]``, the torch
     path's weighted residual ``[N*L, P]`` (``[0, 0]`` on the Triton path), and each patch's MSE
     ``[N*L]`` with ``all_patches`` (``[0]`` without), which the mask's gradient needs)."""
-    total, *saved = _loss_forward(
-        imgs, pred, mask, tuple(patch_size), norm_pix, all_patches, use_triton
+    imgs, mask = imgs.contiguous(), mask.contiguous()
+    dtype = accumulation_dtype(imgs, pred, mask)
+    mean = torch.zeros(mask.numel(), dtype=dtype, device=pred.device)
+    rstd = torch.zeros_like(mean)
+    patch_mse = pred.new_empty(mask.numel() if all_patches else 0, dtype=dtype)
+    path = _loss_forward_triton if use_triton else _loss_forward_torch
+    total, residual = path(
+        imgs, pred, mask, tuple(patch_size), norm_pix, all_patches, mean, rstd, patch_mse
     )
-    inverse_sum = _inverse_mask_sum(mask, total.dtype)
-    return ((total * inverse_sum).to(_loss_dtype(imgs, pred, mask)), *saved)
-
-
-def _loss_dtype(imgs, pred, mask) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
+    loss = (total * _inverse_mask_sum(mask, dtype)).to(promoted_dtype(pred, imgs, mask))
+    return loss, mean, rstd, residual, patch_mse
 
 
 @masked_pixel_loss_op.register_fake
@@ -388,54 +355,36 @@ def _(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton):
         dtype=torch.float32 if use_triton else dtype,
     )
     patch_mse = pred.new_empty(rows if all_patches else 0, dtype=dtype)
-    loss = pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask))
+    loss = pred.new_empty((), dtype=promoted_dtype(pred, imgs, mask))
     return loss, stats, torch.empty_like(stats), residual, patch_mse
 
 
 @torch.library.custom_op("fastmae::masked_pixel_loss_backward", mutates_args=())
 def masked_pixel_loss_backward_op(
-    scale: torch.Tensor,
-    imgs: torch.Tensor,
-    pred: torch.Tensor,
-    mask: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    residual: torch.Tensor,
+    scale: Tensor,
+    imgs: Tensor,
+    pred: Tensor,
+    mask: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    residual: Tensor,
     patch_size: IntList,
     norm_pix: bool,
     grad_imgs_needed: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _loss_backward(
-        scale,
-        imgs,
-        pred,
-        mask,
-        mean,
-        rstd,
-        residual,
-        tuple(patch_size),
-        norm_pix,
-        grad_imgs_needed,
-        use_triton,
+) -> tuple[Tensor, Tensor]:
+    """scale ``[1]`` = 2 * grad_loss / (P * sum(mask)) -> (grad_imgs, or an empty tensor when
+    not needed; grad_pred contiguous). ``residual`` is the torch path's forward residual."""
+    path = _loss_backward_triton if use_triton else _loss_backward_torch
+    imgs, mask, patch_size = imgs.contiguous(), mask.contiguous(), tuple(patch_size)
+    return path(
+        scale, imgs, pred, mask, mean, rstd, residual, patch_size, norm_pix, grad_imgs_needed
     )
 
 
 @masked_pixel_loss_backward_op.register_fake
-def _(
-    scale,
-    imgs,
-    pred,
-    mask,
-    mean,
-    rstd,
-    residual,
-    patch_size,
-    norm_pix,
-    grad_imgs_needed,
-    use_triton,
-):
-    grad_imgs = torch.empty_like(imgs) if grad_imgs_needed else imgs.new_empty(0)
+def _(scale, imgs, pred, mask, mean, rstd, residual, patch_size, norm_pix, grad_imgs, use_triton):
+    grad_imgs = torch.empty_like(imgs) if grad_imgs else imgs.new_empty(0)
     return grad_imgs, pred.new_empty(pred.shape)
 
 
@@ -446,7 +395,7 @@ def _read_patch_bytes(imgs, pred, mask, all_patches) -> int:
     return read * pixels * (imgs.element_size() + pred.element_size()) + nbytes(mask)
 
 
-@kernel_bytes("fastmae::masked_pixel_loss")
+@fused_op("fastmae::masked_pixel_loss", kernels=[_masked_loss_fwd_kernel])
 def _loss_bytes(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton, outputs):
     _, mean, rstd, _, patch_mse = outputs
     stats = nbytes(mean) + nbytes(rstd) if norm_pix else 0
@@ -454,7 +403,7 @@ def _loss_bytes(imgs, pred, mask, patch_size, norm_pix, all_patches, use_triton,
     return _read_patch_bytes(imgs, pred, mask, all_patches) + stats + per_patch + nbytes(patch_mse)
 
 
-@kernel_bytes("fastmae::masked_pixel_loss_backward")
+@fused_op("fastmae::masked_pixel_loss_backward", kernels=[_masked_loss_bwd_kernel])
 def _loss_backward_bytes(*args, outputs):
     _, imgs, pred, mask, mean, rstd, _, _, norm_pix = args[:9]  # the backward op's arguments
     grad_imgs_out, grad_pred = outputs
@@ -501,13 +450,3 @@ def _backward_loss(ctx, grad_loss, _grad_mean, _grad_rstd, _grad_residual, _grad
 
 
 masked_pixel_loss_op.register_autograd(_backward_loss, setup_context=_setup_loss)
-
-
-def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix: bool, use_triton: bool):
-    """imgs ``[N, C, H, W]``, pred ``[N, L, ph*pw*C]`` (any strides), mask ``[N, L]`` -> 0-dim
-    loss. When ``mask`` requires grad every patch is read, since its gradient needs each MSE."""
-    all_patches = mask.requires_grad and torch.is_grad_enabled()
-    outputs = masked_pixel_loss_op(
-        imgs, pred, mask, list(patch_size), norm_pix, all_patches, use_triton
-    )
-    return outputs[0]

@@ -9,8 +9,9 @@ The op is not differentiable (its outputs are indices and a 0/1 mask), so it has
 """
 
 import torch
+from torch import Tensor
 
-from ._triton import block_size, kernel_bytes, launch, nbytes, tl, triton
+from ._triton import block_size, fused_op, launch, nbytes, tl, triton
 
 
 @triton.jit
@@ -58,31 +59,32 @@ def _masking_kernel(
     tl.store(ids_keep_ptr + row * K + rank, query.to(tl.int64), mask=is_kept)
 
 
+def launch_config(length: int) -> dict:
+    """Launch parameters of the masking kernel: up to 64 x 64 noise comparisons a step."""
+    return dict(BLOCK_Q=block_size(length, 64), BLOCK_K=block_size(length, 64), num_warps=4)
+
+
 def _masking_triton(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     n, length = noise.shape
     ids_keep = torch.empty(n, len_keep, dtype=torch.int64, device=noise.device)
     ids_restore = torch.empty(n, length, dtype=torch.int64, device=noise.device)
     mask = torch.empty(n, length, dtype=mask_dtype, device=noise.device)
-    block_q = block_size(length, 64)
-    block_k = block_size(length, 64)
-    grid = (n, triton.cdiv(length, block_q))
+    config = launch_config(length)
     launch(
         _masking_kernel,
-        grid,
+        (n, triton.cdiv(length, config["BLOCK_Q"])),
         ids_keep,
         ids_restore,
         mask,
         noise,
         length,
         len_keep,
-        BLOCK_Q=block_q,
-        BLOCK_K=block_k,
-        num_warps=4,
+        **config,
     )
     return ids_keep, ids_restore, mask
 
 
-def inverse_permutation(ids: torch.Tensor) -> torch.Tensor:
+def _inverse_permutation(ids: torch.Tensor) -> torch.Tensor:
     """Row-wise inverse of permutations ``ids [N, L]`` by one scatter (not a second argsort)."""
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     return torch.empty_like(ids).scatter_(1, ids, positions)
@@ -90,15 +92,15 @@ def inverse_permutation(ids: torch.Tensor) -> torch.Tensor:
 
 def _masking_torch(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    ids_restore = inverse_permutation(ids_shuffle)
+    ids_restore = _inverse_permutation(ids_shuffle)
     mask = (ids_restore >= len_keep).to(mask_dtype)
     return ids_shuffle[:, :len_keep].contiguous(), ids_restore, mask
 
 
 @torch.library.custom_op("fastmae::random_masking", mutates_args=())
 def masking_op(
-    noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    noise: Tensor, len_keep: int, mask_dtype: torch.dtype, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """noise ``[N, L]`` float -> ``ids_keep [N, K]`` int64, ``ids_restore [N, L]`` int64,
     ``mask [N, L]`` in ``mask_dtype``. Not differentiable."""
     noise = noise.contiguous()
@@ -117,12 +119,6 @@ def _(noise, len_keep, mask_dtype, use_triton):
     )
 
 
-@kernel_bytes("fastmae::random_masking")
+@fused_op("fastmae::random_masking", kernels=[_masking_kernel])
 def _masking_bytes(noise, len_keep, mask_dtype, use_triton, outputs):
     return nbytes(noise) + sum(nbytes(out) for out in outputs)
-
-
-def masking_forward(noise: torch.Tensor, len_keep: int, use_triton: bool):
-    """noise ``[N, L]`` float -> ``ids_keep [N, K]`` int64, ``ids_restore [N, L]`` int64,
-    ``mask [N, L]`` in the default float dtype (as the official ``torch.ones``)."""
-    return masking_op(noise.detach(), len_keep, torch.get_default_dtype(), use_triton)

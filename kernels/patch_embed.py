@@ -9,8 +9,10 @@ Each step is an op with its own backward, so autograd and torch.compile see the 
 """
 
 import torch
+from torch import Tensor
 
-from ._triton import block_size, ids_in_range, kernel_bytes, launch, nbytes, tl, triton
+from ._jit import row_tile, store_rows_plus_positions
+from ._triton import fused_op, ids_in_range, launch_row_tiles, nbytes, promoted_dtype, tl, triton
 from .patchify import gather_patches_op
 
 
@@ -29,56 +31,35 @@ def _add_positions_kernel(
 ):
     """Grid ``(N, cdiv(1+K, BLOCK_T), cdiv(D, BLOCK_D))``: one tile of output rows per program.
     A patch id outside ``[0, L)`` adds no position (its row is the token alone)."""
-    image = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_valid = row < K + 1
-    col_valid = col < D
+    image, row, row_valid, col, col_valid, tile = row_tile(K + 1, D, BLOCK_T, BLOCK_D)
     is_patch = row_valid & (row > 0)
     patch = tl.load(ids_keep_ptr + image * K + row - 1, mask=is_patch, other=-1).to(tl.int64)
     has_position = (row == 0) | (is_patch & (patch >= 0) & (patch < L))
-    tile = row_valid[:, None] & col_valid[None, :]
-
-    token_rows = image * K + row - 1
-    tokens = tl.load(
-        tokens_ptr + token_rows[:, None] * D + col[None, :],
-        mask=is_patch[:, None] & col_valid[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    cls = tl.load(cls_ptr + col, mask=col_valid, other=0.0).to(tl.float32)
-    values = tl.where(is_patch[:, None], tokens, cls[None, :])
-    positions = tl.load(
-        pos_ptr + (patch + 1)[:, None] * D + col[None, :],
-        mask=tile & has_position[:, None],
-        other=0.0,
-    )
-    values = values + positions.to(tl.float32)
-    out_rows = image * (K + 1) + row
-    tl.store(
-        out_ptr + out_rows[:, None] * D + col[None, :],
-        values.to(out_ptr.dtype.element_ty),
-        mask=tile,
+    store_rows_plus_positions(
+        out_ptr,
+        tokens_ptr,
+        cls_ptr,
+        pos_ptr,
+        out_rows=image * (K + 1) + row,
+        source_rows=image * K + row - 1,
+        reads_source=is_patch,
+        uses_fill=row == 0,
+        pos_rows=patch + 1,
+        has_position=has_position,
+        col=col,
+        col_valid=col_valid,
+        tile=tile,
+        D=D,
     )
 
 
-def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
-    """tokens ``[N, K, D]``, ids_keep ``[N, K]``, cls_token ``[D]``, pos_embed ``[1+L, D]`` ->
-    ``[N, 1+K, D]`` in the promotion of the three dtypes."""
+def _add_positions_triton(out, tokens, ids_keep, cls_token, pos_embed):
     n, keep, width = tokens.shape
-    out_dtype = torch.promote_types(
-        tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
-    )
-    out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
-    if not use_triton:
-        safe_ids, in_range = ids_in_range(ids_keep, pos_embed.shape[0] - 1)
-        out[:, 0] = cls_token + pos_embed[0]
-        out[:, 1:] = tokens + torch.where(in_range[..., None], pos_embed[1:][safe_ids], 0)
-        return out
-    block_t, block_d = 16, block_size(width, 128)
-    grid = (n, triton.cdiv(keep + 1, block_t), triton.cdiv(width, block_d))
-    launch(
+    launch_row_tiles(
         _add_positions_kernel,
-        grid,
+        n,
+        keep + 1,
+        width,
         out,
         tokens.contiguous(),
         ids_keep.contiguous(),
@@ -87,35 +68,36 @@ def add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton: bool):
         keep,
         pos_embed.shape[0] - 1,
         width,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=4,
     )
-    return out
+
+
+def _add_positions_torch(out, tokens, ids_keep, cls_token, pos_embed):
+    safe_ids, in_range = ids_in_range(ids_keep, pos_embed.shape[0] - 1)
+    out[:, 0] = cls_token + pos_embed[0]
+    out[:, 1:] = tokens + torch.where(in_range[..., None], pos_embed[1:][safe_ids], 0)
 
 
 @torch.library.custom_op("fastmae::add_positions", mutates_args=())
 def add_positions_op(
-    tokens: torch.Tensor,
-    ids_keep: torch.Tensor,
-    cls_token: torch.Tensor,
-    pos_embed: torch.Tensor,
-    use_triton: bool,
-) -> torch.Tensor:
-    """:func:`add_positions` as a differentiable op."""
-    return add_positions(tokens, ids_keep, cls_token, pos_embed, use_triton)
+    tokens: Tensor, ids_keep: Tensor, cls_token: Tensor, pos_embed: Tensor, use_triton: bool
+) -> Tensor:
+    """tokens ``[N, K, D]``, ids_keep ``[N, K]`` int64, cls_token ``[D]``, pos_embed
+    ``[1+L, D]`` -> ``[N, 1+K, D]`` in the promotion of the three dtypes."""
+    n, keep, width = tokens.shape
+    out_dtype = promoted_dtype(tokens, cls_token, pos_embed)
+    out = torch.empty(n, keep + 1, width, dtype=out_dtype, device=tokens.device)
+    path = _add_positions_triton if use_triton else _add_positions_torch
+    path(out, tokens, ids_keep, cls_token, pos_embed)
+    return out
 
 
 @add_positions_op.register_fake
 def _(tokens, ids_keep, cls_token, pos_embed, use_triton):
     n, keep, width = tokens.shape
-    out_dtype = torch.promote_types(
-        tokens.dtype, torch.promote_types(cls_token.dtype, pos_embed.dtype)
-    )
-    return tokens.new_empty(n, keep + 1, width, dtype=out_dtype)
+    return tokens.new_empty(n, keep + 1, width, dtype=promoted_dtype(tokens, cls_token, pos_embed))
 
 
-@kernel_bytes("fastmae::add_positions")
+@fused_op("fastmae::add_positions", kernels=[_add_positions_kernel])
 def _add_positions_bytes(tokens, ids_keep, cls_token, pos_embed, use_triton, outputs):
     gathered_positions = tokens.numel() * pos_embed.element_size()
     return nbytes(tokens) + nbytes(ids_keep) + gathered_positions + nbytes(outputs)

@@ -10,41 +10,10 @@ Each pixel belongs to one patch, so the scatter writes every destination at most
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from ._triton import IntList, ids_in_range, kernel_bytes, launch, nbytes, tl, triton, warps_for
-
-
-@triton.jit
-def _patch_offsets(
-    element, C, H, W, PH: tl.constexpr, PW: tl.constexpr, CHANNEL_LAST: tl.constexpr
-):
-    """Offsets inside one image ``[C, H, W]`` of the pixels ``element`` of a patch at (0, 0)."""
-    if CHANNEL_LAST:
-        channel = element % C
-        inside = element // C
-    else:
-        channel = element // (PH * PW)
-        inside = element % (PH * PW)
-    return channel * H * W + (inside // PW) * W + inside % PW
-
-
-@triton.jit
-def _patch_corner(
-    token, ids_ptr, T, C, H, W, grid_w, PH: tl.constexpr, PW: tl.constexpr, HAS_IDS: tl.constexpr
-):
-    """Offset (int64) in ``[N, C, H, W]`` of the top-left pixel of row ``token``'s patch, and
-    whether that patch exists: an id outside ``[0, L)`` gives offset 0 and False, so callers
-    mask every access through it."""
-    image = token // T
-    if HAS_IDS:
-        patch = tl.load(ids_ptr + token).to(tl.int64)
-        in_range = (patch >= 0) & (patch < (H // PH) * grid_w)
-        patch = tl.where(in_range, patch, 0)
-    else:
-        patch = token % T
-        in_range = patch >= 0
-    corner = image * C * H * W + (patch // grid_w) * PH * W + (patch % grid_w) * PW
-    return corner, in_range
+from ._jit import patch_corner
+from ._triton import IntList, fused_op, ids_in_range, launch, nbytes, tl, triton, warps_for
 
 
 @triton.jit
@@ -97,7 +66,7 @@ def _copy_patches_kernel(
     """Grid ``(N*T,)``: each program copies one patch between the image and its row (the
     gather), or back (TO_IMAGE, the scatter), C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
-    corner, in_range = _patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
+    corner, in_range = patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
     row_start = patches_ptr + token * (C * PH * PW)
     for first_channel in range(0, C, C_BLOCK):
         image_offsets, patch_offsets, valid = _tile_offsets(
@@ -114,12 +83,39 @@ def _copy_patches_kernel(
             tl.store(row_start + patch_offsets, pixels, mask=valid)
 
 
-def tile_config(channels: int, patch_size) -> dict:
+def launch_config(channels: int, patch_size) -> dict:
     """Launch parameters of the patch kernels: at most 4096 pixels (8 per thread) per step."""
     ph_block, pw_block = (triton.next_power_of_2(side) for side in patch_size)
     c_block = max(1, min(triton.next_power_of_2(channels), 4096 // (ph_block * pw_block)))
     tile = c_block * ph_block * pw_block
     return dict(C_BLOCK=c_block, PH_BLOCK=ph_block, PW_BLOCK=pw_block, num_warps=warps_for(tile))
+
+
+def _copy_patches_triton(imgs, patches, ids, patch_size, channel_last: bool, to_image: bool):
+    """One program per patch row: imgs -> patches, or patches -> imgs with ``to_image``."""
+    n, tokens, _ = patches.shape
+    if not patches.numel():
+        return
+    _, c, height, width = imgs.shape
+    ph, pw = patch_size
+    launch(
+        _copy_patches_kernel,
+        (n * tokens,),
+        imgs,
+        patches,
+        imgs if ids is None else ids.contiguous(),  # any pointer when HAS_IDS is off
+        tokens,
+        c,
+        height,
+        width,
+        width // pw,
+        PH=ph,
+        PW=pw,
+        HAS_IDS=ids is not None,
+        CHANNEL_LAST=channel_last,
+        TO_IMAGE=to_image,
+        **launch_config(c, patch_size),
+    )
 
 
 def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Tensor:
@@ -130,110 +126,63 @@ def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Ten
     return view.permute(0, 2, 4, 3, 5, 1) if channel_last else view.permute(0, 2, 4, 1, 3, 5)
 
 
-def _grid_index(ids: torch.Tensor, n: int, grid_w: int, num_patches: int):
-    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]``, and the
-    ``[N, T]`` validity of each id; ids outside ``[0, L)`` are replaced by 0, as the kernel does.
-    """
-    ids, in_range = ids_in_range(ids, num_patches)
-    rows = torch.arange(n, device=ids.device)[:, None]
+def _grid_index(ids: torch.Tensor, imgs: torch.Tensor, patch_size):
+    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]`` into the
+    patch view of ``imgs``, and the ``[N, T]`` validity of each id; ids outside ``[0, L)`` are
+    replaced by 0, as the kernel does."""
+    grid_w = imgs.shape[3] // patch_size[1]
+    ids, in_range = ids_in_range(ids, (imgs.shape[2] // patch_size[0]) * grid_w)
+    rows = torch.arange(imgs.shape[0], device=ids.device)[:, None]
     return (rows, ids // grid_w, ids % grid_w), in_range
 
 
-def gather_patches(
-    imgs: torch.Tensor,
-    ids: Optional[torch.Tensor],
-    patch_size,
-    channel_last: bool,
-    use_triton: bool,
-) -> torch.Tensor:
+def _gather_torch(imgs, ids, patch_size, channel_last: bool):
+    """-> ``[N, T, *patch]``, a new tensor (an op's output must not alias its input)."""
+    view = _patch_view(imgs, patch_size, channel_last)
+    if ids is None:
+        return imgs.new_empty(view.shape).copy_(view)
+    index, in_range = _grid_index(ids, imgs, patch_size)
+    return view[index].masked_fill_(in_range.logical_not()[..., None, None, None], 0)
+
+
+def _scatter_torch(imgs, patches, ids, patch_size, channel_last: bool):
+    view = _patch_view(imgs, patch_size, channel_last)
+    if ids is None:
+        view.copy_(patches.view(view.shape))
+        return
+    index, in_range = _grid_index(ids, imgs, patch_size)
+    rows, grid_rows, grid_cols = (part.expand_as(ids)[in_range] for part in index)
+    view[rows, grid_rows, grid_cols] = patches.view(*ids.shape, *view.shape[3:])[in_range]
+
+
+def gather_patches(imgs, ids: Optional[torch.Tensor], patch_size, channel_last, use_triton):
     """imgs ``[N, C, H, W]`` -> patches ``[N, T, ph*pw*C]`` of the same dtype.
 
     ``ids [N, T]`` int64 selects patches (row-major over the patch grid); None takes all L.
+    An id outside ``[0, L)`` gives a row of zeros.
     """
     imgs = imgs.contiguous()
     n, c, height, width = imgs.shape
     ph, pw = patch_size
-    grid_w = width // pw
-    num_patches = (height // ph) * grid_w
-    tokens = num_patches if ids is None else ids.shape[1]
-    pixels = c * ph * pw
+    tokens = (height // ph) * (width // pw) if ids is None else ids.shape[1]
     if not use_triton:
-        view = _patch_view(imgs, patch_size, channel_last)
-        if ids is None:  # always a copy: an op's output must not alias its input
-            return imgs.new_empty(view.shape).copy_(view).view(n, tokens, pixels)
-        index, in_range = _grid_index(ids, n, grid_w, num_patches)
-        patches = view[index].reshape(n, tokens, pixels)
-        return patches.masked_fill_(in_range.logical_not()[..., None], 0)
-    patches = torch.empty(n, tokens, pixels, dtype=imgs.dtype, device=imgs.device)
-    if patches.numel():
-        ids_arg = imgs if ids is None else ids.contiguous()
-        launch(
-            _copy_patches_kernel,
-            (n * tokens,),
-            imgs,
-            patches,
-            ids_arg,
-            tokens,
-            c,
-            height,
-            width,
-            grid_w,
-            PH=ph,
-            PW=pw,
-            HAS_IDS=ids is not None,
-            CHANNEL_LAST=channel_last,
-            TO_IMAGE=False,
-            **tile_config(c, patch_size),
-        )
+        return _gather_torch(imgs, ids, patch_size, channel_last).view(n, tokens, c * ph * pw)
+    patches = imgs.new_empty(n, tokens, c * ph * pw)
+    _copy_patches_triton(imgs, patches, ids, patch_size, channel_last, to_image=False)
     return patches
 
 
 def scatter_patches(
-    patches: torch.Tensor,
-    ids: Optional[torch.Tensor],
-    patch_size,
-    image_shape,
-    channel_last: bool,
-    use_triton: bool,
-) -> torch.Tensor:
-    """patches ``[N, T, ph*pw*C]`` -> imgs ``image_shape``; pixels of unlisted patches are 0."""
+    patches, ids: Optional[torch.Tensor], patch_size, image_shape, channel_last, use_triton
+):
+    """patches ``[N, T, ph*pw*C]`` -> imgs ``image_shape``; pixels of unlisted patches (and rows
+    whose id is outside ``[0, L)``) are 0."""
     patches = patches.contiguous()
-    n, c, height, width = image_shape
-    ph, pw = patch_size
-    grid_w = width // pw
-    num_patches = (height // ph) * grid_w
-    tokens = patches.shape[1]
-    every_patch = ids is None
-    imgs = patches.new_empty(image_shape) if every_patch else patches.new_zeros(image_shape)
-    if not use_triton:
-        view = _patch_view(imgs, patch_size, channel_last)
-        if every_patch:
-            view.copy_(patches.view(view.shape))
-        else:
-            index, in_range = _grid_index(ids, n, grid_w, num_patches)
-            rows, grid_rows, grid_cols = (part.expand_as(ids)[in_range] for part in index)
-            view[rows, grid_rows, grid_cols] = patches.view(n, tokens, *view.shape[3:])[in_range]
-        return imgs
-    if patches.numel():
-        ids_arg = patches if every_patch else ids.contiguous()
-        launch(
-            _copy_patches_kernel,
-            (n * tokens,),
-            imgs,
-            patches,
-            ids_arg,
-            tokens,
-            c,
-            height,
-            width,
-            grid_w,
-            PH=ph,
-            PW=pw,
-            HAS_IDS=not every_patch,
-            CHANNEL_LAST=channel_last,
-            TO_IMAGE=True,
-            **tile_config(c, patch_size),
-        )
+    imgs = patches.new_empty(image_shape) if ids is None else patches.new_zeros(image_shape)
+    if use_triton:
+        _copy_patches_triton(imgs, patches, ids, patch_size, channel_last, to_image=True)
+    else:
+        _scatter_torch(imgs, patches, ids, patch_size, channel_last)
     return imgs
 
 
@@ -242,12 +191,8 @@ def scatter_patches(
 
 @torch.library.custom_op("fastmae::gather_patches", mutates_args=())
 def gather_patches_op(
-    imgs: torch.Tensor,
-    ids: Optional[torch.Tensor],
-    patch_size: IntList,
-    channel_last: bool,
-    use_triton: bool,
-) -> torch.Tensor:
+    imgs: Tensor, ids: Optional[Tensor], patch_size: IntList, channel_last: bool, use_triton: bool
+) -> Tensor:
     """:func:`gather_patches` as a differentiable op; its backward is ``scatter_patches``."""
     return gather_patches(imgs, ids, tuple(patch_size), channel_last, use_triton)
 
@@ -261,13 +206,13 @@ def _(imgs, ids, patch_size, channel_last, use_triton):
 
 @torch.library.custom_op("fastmae::scatter_patches", mutates_args=())
 def scatter_patches_op(
-    patches: torch.Tensor,
-    ids: Optional[torch.Tensor],
+    patches: Tensor,
+    ids: Optional[Tensor],
     patch_size: IntList,
     image_shape: IntList,
     channel_last: bool,
     use_triton: bool,
-) -> torch.Tensor:
+) -> Tensor:
     """:func:`scatter_patches` as a differentiable op; its backward is ``gather_patches``."""
     return scatter_patches(patches, ids, tuple(patch_size), image_shape, channel_last, use_triton)
 
@@ -277,13 +222,13 @@ def _(patches, ids, patch_size, image_shape, channel_last, use_triton):
     return patches.new_empty(image_shape)
 
 
-@kernel_bytes("fastmae::gather_patches")
+@fused_op("fastmae::gather_patches", kernels=[_copy_patches_kernel])
 def _gather_bytes(imgs, ids, patch_size, channel_last, use_triton, outputs):
     ids_bytes = 0 if ids is None else nbytes(ids)
     return 2 * nbytes(outputs) + ids_bytes  # the gathered pixels read, then written
 
 
-@kernel_bytes("fastmae::scatter_patches")
+@fused_op("fastmae::scatter_patches", kernels=[_copy_patches_kernel])
 def _scatter_bytes(patches, ids, patch_size, image_shape, channel_last, use_triton, outputs):
     if ids is None:
         return 2 * nbytes(patches)

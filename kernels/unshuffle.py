@@ -11,8 +11,19 @@ atomics, so two runs give bit-identical ``mask_token`` gradients.
 """
 
 import torch
+from torch import Tensor
 
-from ._triton import accumulation_dtype, block_size, kernel_bytes, launch, nbytes, tl, triton
+from ._jit import row_tile, store_rows_plus_positions
+from ._triton import (
+    accumulation_dtype,
+    fused_op,
+    launch_row_tiles,
+    nbytes,
+    promoted_dtype,
+    row_tile_grid,
+    tl,
+    triton,
+)
 
 
 @triton.jit
@@ -25,7 +36,7 @@ def _source_rows(ids_restore_ptr, image, row, row_valid, L, K):
     reads_x = (row == 0) | (is_patch & (rank >= 0) & (rank < K))
     is_masked = is_patch & (rank >= K) & (rank < L)
     source = tl.where(is_patch & reads_x, rank + 1, 0)
-    return source, reads_x, is_masked
+    return image * (K + 1) + source, reads_x, is_masked
 
 
 @triton.jit
@@ -42,27 +53,23 @@ def _unshuffle_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``."""
-    image = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_valid = row < L + 1
-    col_valid = col < D
-    tile = row_valid[:, None] & col_valid[None, :]
-    source, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
-
-    x_rows = image * (K + 1) + source
-    tokens = tl.load(
-        x_ptr + x_rows[:, None] * D + col[None, :], mask=tile & reads_x[:, None], other=0.0
-    ).to(tl.float32)
-    mask_token = tl.load(mask_token_ptr + col, mask=col_valid, other=0.0).to(tl.float32)
-    values = tl.where(is_masked[:, None], mask_token[None, :], tokens)
-    positions = tl.load(pos_ptr + row[:, None] * D + col[None, :], mask=tile, other=0.0)
-    values = values + positions.to(tl.float32)
-    out_rows = image * (L + 1) + row
-    tl.store(
-        out_ptr + out_rows[:, None] * D + col[None, :],
-        values.to(out_ptr.dtype.element_ty),
-        mask=tile,
+    image, row, row_valid, col, col_valid, tile = row_tile(L + 1, D, BLOCK_T, BLOCK_D)
+    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+    store_rows_plus_positions(
+        out_ptr,
+        x_ptr,
+        mask_token_ptr,
+        pos_ptr,
+        out_rows=image * (L + 1) + row,
+        source_rows=x_rows,
+        reads_source=reads_x,
+        uses_fill=is_masked,
+        pos_rows=row,
+        has_position=row_valid,
+        col=col,
+        col_valid=col_valid,
+        tile=tile,
+        D=D,
     )
 
 
@@ -79,135 +86,121 @@ def _unshuffle_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``, the same tiles as the forward."""
-    image = tl.program_id(0).to(tl.int64)
-    row_block = tl.program_id(1)
-    row = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    col = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_valid = row < L + 1
-    col_valid = col < D
-    tile = row_valid[:, None] & col_valid[None, :]
-    source, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
-
+    image, row, row_valid, col, col_valid, tile = row_tile(L + 1, D, BLOCK_T, BLOCK_D)
+    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
     out_rows = image * (L + 1) + row
     grad = tl.load(grad_out_ptr + out_rows[:, None] * D + col[None, :], mask=tile, other=0.0)
-    x_rows = image * (K + 1) + source
     tl.store(
         grad_x_ptr + x_rows[:, None] * D + col[None, :],
         grad.to(grad_x_ptr.dtype.element_ty),
         mask=tile & reads_x[:, None],
     )
     masked_sum = tl.sum(tl.where(is_masked[:, None], grad.to(tl.float32), 0.0), axis=0)
-    partial_row = image * tl.num_programs(1) + row_block
+    partial_row = image * tl.num_programs(1) + tl.program_id(1)
     tl.store(mask_token_partial_ptr + partial_row * D + col, masked_sum, mask=col_valid)
 
 
-_BLOCK_T = 16
-
-
-def _tiles(n, length, width):
-    block_d = block_size(width, 128)
-    return block_d, (n, triton.cdiv(length + 1, _BLOCK_T), triton.cdiv(width, block_d))
-
-
-def _unshuffle_forward(x, ids_restore, mask_token, pos_embed, use_triton):
-    n, keep_plus_one, width = x.shape
-    length, keep = ids_restore.shape[1], keep_plus_one - 1
-    out_dtype = torch.promote_types(x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype))
-    if not use_triton:
-        # As the kernel: rank < K reads x, K <= rank < L the mask token, anything else zeros.
-        source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
-        cls_row = torch.arange(length + 1, device=x.device) == 0
-        reads_x = (cls_row | ((source > 0) & (source <= keep)))[..., None]
-        is_masked = ((source > keep) & (source <= length))[..., None]
-        rows = torch.arange(n, device=x.device)[:, None]
-        tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out_dtype)
-        tokens = torch.where(is_masked, mask_token.to(out_dtype), torch.where(reads_x, tokens, 0))
-        return tokens + pos_embed
-    out = torch.empty(n, length + 1, width, dtype=out_dtype, device=x.device)
-    block_d, grid = _tiles(n, length, width)
-    launch(
+def _unshuffle_triton(out, x, ids_restore, mask_token, pos_embed):
+    n, length_plus_one, width = out.shape
+    launch_row_tiles(
         _unshuffle_fwd_kernel,
-        grid,
+        n,
+        length_plus_one,
+        width,
         out,
         x.contiguous(),
         ids_restore.contiguous(),
         mask_token.contiguous(),
         pos_embed.contiguous(),
-        length,
-        keep,
+        length_plus_one - 1,
+        x.shape[1] - 1,
         width,
-        BLOCK_T=_BLOCK_T,
-        BLOCK_D=block_d,
-        num_warps=4,
     )
-    return out
 
 
-def _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton):
-    """-> grad_x ``[N, 1+K, D]`` in x's dtype, and mask_token's gradient ``[D]`` in fp32."""
-    grad_out, ids_restore = grad_out.contiguous(), ids_restore.contiguous()
+def _unshuffle_backward_triton(grad_x, grad_out, ids_restore):
+    """Writes grad_x; returns mask_token's gradient ``[D]`` in fp32."""
     n, length_plus_one, width = grad_out.shape
-    length = length_plus_one - 1
-    if not use_triton:
-        # Each kept position's gradient goes to its row of x; the others to a spare last row.
-        is_kept = (ids_restore >= 0) & (ids_restore < keep)
-        target_rows = torch.where(is_kept, ids_restore, keep)[..., None].expand(-1, -1, width)
-        grad_kept = grad_out.new_zeros(n, keep + 1, width)
-        grad_kept.scatter_(1, target_rows, grad_out[:, 1:])
-        grad_x = torch.cat([grad_out[:, :1], grad_kept[:, :keep]], dim=1)
-        is_masked = ((ids_restore >= keep) & (ids_restore < length))[..., None]
-        grad_rows = grad_out[:, 1:].to(accumulation_dtype(grad_out))
-        grad_mask_token = torch.where(is_masked, grad_rows, 0.0).sum((0, 1))
-        return grad_x.to(x_dtype), grad_mask_token
-    grad_x = grad_out.new_empty(n, keep + 1, width, dtype=x_dtype)
-    block_d, grid = _tiles(n, length, width)
+    grid = row_tile_grid(n, length_plus_one, width)
     partial = grad_out.new_empty(n, grid[1], width, dtype=torch.float32)
-    launch(
+    launch_row_tiles(
         _unshuffle_bwd_kernel,
-        grid,
+        n,
+        length_plus_one,
+        width,
         grad_x,
         partial,
         grad_out,
         ids_restore,
-        length,
-        keep,
+        length_plus_one - 1,
+        grad_x.shape[1] - 1,
         width,
-        BLOCK_T=_BLOCK_T,
-        BLOCK_D=block_d,
-        num_warps=4,
     )
-    return grad_x, partial.sum((0, 1))
+    return partial.sum((0, 1))
+
+
+def _unshuffle_torch(out, x, ids_restore, mask_token, pos_embed):
+    # As the kernel: rank < K reads x, K <= rank < L the mask token, anything else zeros.
+    n, length = ids_restore.shape
+    keep = x.shape[1] - 1
+    source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
+    cls_row = torch.arange(length + 1, device=x.device) == 0
+    reads_x = (cls_row | ((source > 0) & (source <= keep)))[..., None]
+    is_masked = ((source > keep) & (source <= length))[..., None]
+    rows = torch.arange(n, device=x.device)[:, None]
+    tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out.dtype)
+    tokens = torch.where(is_masked, mask_token.to(out.dtype), torch.where(reads_x, tokens, 0))
+    torch.add(tokens, pos_embed, out=out)
+
+
+def _unshuffle_backward_torch(grad_x, grad_out, ids_restore):
+    """Writes grad_x; returns mask_token's gradient ``[D]`` in the accumulation dtype."""
+    n, length_plus_one, width = grad_out.shape
+    keep = grad_x.shape[1] - 1
+    # Each kept position's gradient goes to its row of x; the others to a spare last row.
+    is_kept = (ids_restore >= 0) & (ids_restore < keep)
+    target_rows = torch.where(is_kept, ids_restore, keep)[..., None].expand(-1, -1, width)
+    grad_kept = grad_out.new_zeros(n, keep + 1, width)
+    grad_kept.scatter_(1, target_rows, grad_out[:, 1:])
+    grad_x[:, :1] = grad_out[:, :1]
+    grad_x[:, 1:] = grad_kept[:, :keep]
+    is_masked = ((ids_restore >= keep) & (ids_restore < length_plus_one - 1))[..., None]
+    grad_rows = grad_out[:, 1:].to(accumulation_dtype(grad_out))
+    return torch.where(is_masked, grad_rows, 0.0).sum((0, 1))
 
 
 @torch.library.custom_op("fastmae::unshuffle", mutates_args=())
 def unshuffle_op(
-    x: torch.Tensor,
-    ids_restore: torch.Tensor,
-    mask_token: torch.Tensor,
-    pos_embed: torch.Tensor,
-    use_triton: bool,
-) -> torch.Tensor:
+    x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Tensor, use_triton: bool
+) -> Tensor:
     """x ``[N, 1+K, D]``, ids_restore ``[N, L]`` int64, mask_token ``[D]``, pos_embed
     ``[1+L, D]`` -> ``[N, 1+L, D]`` in the promotion of the three dtypes (as the official
     ``cat`` and ``+`` give)."""
-    return _unshuffle_forward(x, ids_restore, mask_token, pos_embed, use_triton)
+    n, length = ids_restore.shape
+    out_dtype = promoted_dtype(x, mask_token, pos_embed)
+    out = torch.empty(n, length + 1, x.shape[2], dtype=out_dtype, device=x.device)
+    path = _unshuffle_triton if use_triton else _unshuffle_torch
+    path(out, x, ids_restore, mask_token, pos_embed)
+    return out
 
 
 @unshuffle_op.register_fake
 def _(x, ids_restore, mask_token, pos_embed, use_triton):
-    out_dtype = torch.promote_types(x.dtype, torch.promote_types(mask_token.dtype, pos_embed.dtype))
+    out_dtype = promoted_dtype(x, mask_token, pos_embed)
     return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=out_dtype)
 
 
 @torch.library.custom_op("fastmae::unshuffle_backward", mutates_args=())
 def unshuffle_backward_op(
-    grad_out: torch.Tensor,
-    ids_restore: torch.Tensor,
-    keep: int,
-    x_dtype: torch.dtype,
-    use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unshuffle_backward(grad_out, ids_restore, keep, x_dtype, use_triton)
+    grad_out: Tensor, ids_restore: Tensor, keep: int, x_dtype: torch.dtype, use_triton: bool
+) -> tuple[Tensor, Tensor]:
+    """-> grad_x ``[N, 1+K, D]`` in ``x_dtype``, and mask_token's gradient ``[D]`` (fp32, or
+    fp64 for fp64 gradients)."""
+    grad_out, ids_restore = grad_out.contiguous(), ids_restore.contiguous()
+    n, _, width = grad_out.shape
+    grad_x = grad_out.new_empty(n, keep + 1, width, dtype=x_dtype)
+    path = _unshuffle_backward_triton if use_triton else _unshuffle_backward_torch
+    return grad_x, path(grad_x, grad_out, ids_restore)
 
 
 @unshuffle_backward_op.register_fake
@@ -219,13 +212,13 @@ def _(grad_out, ids_restore, keep, x_dtype, use_triton):
     )
 
 
-@kernel_bytes("fastmae::unshuffle")
+@fused_op("fastmae::unshuffle", kernels=[_unshuffle_fwd_kernel])
 def _unshuffle_bytes(x, ids_restore, mask_token, pos_embed, use_triton, outputs):
     # Kept rows and the ids read, every row written; mask_token and pos_embed stay in cache.
     return nbytes(x) + nbytes(ids_restore) + nbytes(pos_embed) + nbytes(outputs)
 
 
-@kernel_bytes("fastmae::unshuffle_backward")
+@fused_op("fastmae::unshuffle_backward", kernels=[_unshuffle_bwd_kernel])
 def _unshuffle_backward_bytes(grad_out, ids_restore, keep, x_dtype, use_triton, outputs):
     return nbytes(grad_out) + nbytes(ids_restore) + sum(nbytes(out) for out in outputs)
 

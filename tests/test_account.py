@@ -1,12 +1,14 @@
 """python -m benchmarks.account: deterministic per-region counts that show the fused regions."""
 
+import pathlib
+
 import torch
 
 import fastmae
 from benchmarks import account
 from fastmae import reference
 from fastmae.kernels import loss
-from fastmae.kernels._triton import KERNEL_BYTES
+from fastmae.kernels._triton import FUSED_OPS
 from tests.helpers import TINY
 
 CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
@@ -53,7 +55,16 @@ def test_loss_kernel_bytes_count_the_patches_read():
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 0]])
     args = (imgs, pred, mask, [4, 4], True, False, False)
     outputs = loss.masked_pixel_loss_op(*args)
-    counted = KERNEL_BYTES["fastmae::masked_pixel_loss"](*args, outputs=outputs)
+    counted = FUSED_OPS["fastmae::masked_pixel_loss"].bytes(*args, outputs=outputs)
     removed = 3  # patches with a nonzero weight: pixels fp32 + pred bf16 each
     stats = 2 * 8 * 4  # mean and rstd of every patch slot, fp32
     assert counted == removed * 48 * (4 + 2) + mask.numel() * 4 + stats + 8 * 4
+
+
+def test_kernels_readme_byte_table_is_current():
+    """kernels/README.md's byte table is what the registered byte counts give today."""
+    readme = pathlib.Path(account.__file__).parent.parent / "kernels" / "README.md"
+    text = readme.read_text()
+    start, end = (text.index(marker) for marker in account.README_TABLE)
+    printed = text[start + len(account.README_TABLE[0]) : end].strip()
+    assert printed == account.fused_op_table(), "run python -m benchmarks.account --readme"

@@ -113,3 +113,19 @@ def test_functional_embed_rejects_bad_ids():
         ValueError, match=r"ids_keep must have shape \[2, T\] with T <= 4, got \(2, 5\)"
     ):
         functional.embed_visible_patches(imgs, torch.zeros(2, 5, dtype=torch.long), *args)
+
+
+def test_forward_decoder_checks_its_inputs(model):
+    latent = torch.randn(2, 2, TINY["embed_dim"])
+    with pytest.raises(ValueError, match=r"ids_restore must have shape \[2, 4\], got \(2, 5\)"):
+        model.forward_decoder(latent, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must be the latent \[N, 1\+K, 32\] with K <= 4"):
+        model.forward_decoder(torch.randn(2, 6, TINY["embed_dim"]), torch.zeros(2, 4).long())
+
+
+def test_forward_loss_checks_pred_and_mask(model):
+    imgs = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"pred must have shape \[2, 4, 48\], got \[2, 4, 47\]"):
+        model.forward_loss(imgs, torch.randn(2, 4, 47), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"mask must have shape \[2, 4\], got \[2, 3\]"):
+        model.forward_loss(imgs, torch.randn(2, 4, 48), torch.ones(2, 3))

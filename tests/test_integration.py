@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import fastmae
 from fastmae import reference
 from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
+from fastmae.kernels._triton import FUSED_OPS
 from tests.helpers import TINY, rel_err
 
 CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
@@ -46,8 +47,9 @@ def test_compile_fullgraph_matches_eager(backend):
         assert rel_err(compiled[3][name], grad) <= 1e-5, name
 
 
-def op_samples():
-    """One call of every fastmae custom op, with inputs that need grad where it can flow."""
+def op_samples(use_triton: bool):
+    """One call of every fastmae custom op, with inputs that need grad where it can flow; the
+    loss backward takes the state its forward saved on that path."""
     n, length, keep, width = 3, 24, 6, 10
     noise = torch.rand(n, length)
     ids_keep, ids_restore, mask = masking.masking_op(noise, keep, torch.float32, False)
@@ -55,6 +57,12 @@ def op_samples():
     pred = torch.randn(n, length, 12, requires_grad=True)
     decoder_out = torch.randn(n, length + 1, 12, requires_grad=True)  # pred as a strided slice
     grad_out = torch.randn(n, length + 1, width)
+    with torch.no_grad():
+        _, mean, rstd, residual, _ = loss.masked_pixel_loss_op(
+            imgs, pred, mask, [2, 2], True, False, use_triton
+        )
+    scale = torch.full((1,), 0.01)
+    saved = (mean, rstd, residual)
     return [
         (masking.masking_op, (noise, keep, torch.float32)),
         (patchify.gather_patches_op, (imgs, ids_keep, [2, 2], False)),
@@ -89,12 +97,18 @@ def op_samples():
             loss.masked_pixel_loss_op,
             (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), [2, 2], True, True),
         ),
+        (
+            loss.masked_pixel_loss_backward_op,
+            (scale, imgs.detach(), pred.detach(), mask, *saved, [2, 2], True, True),
+        ),
     ]
 
 
 def test_opcheck_every_custom_op(backend):
     use_triton = backend == "triton"
-    for op, args in op_samples():
+    samples = op_samples(use_triton)
+    assert {op._qualname for op, _ in samples} == set(FUSED_OPS)
+    for op, args in samples:
         torch.library.opcheck(op, (*args, use_triton))
 
 

@@ -1,27 +1,22 @@
 """The fused drop-in against the reference: same weights and noise, same loss, pred, mask and
 parameter gradients (relative error <= 1e-5), on both fused-op backends."""
 
+import functools
+
 import pytest
 import torch
 
 import fastmae
-from fastmae import reference
+from fastmae import _checks, reference
+from fastmae.base import make_factories
 from fastmae.kernels import launch_counts
+from fastmae.kernels._triton import fused_kernel_names
 from tests.helpers import TINY, rel_err
 
 CONFIGS = {
     "rgb-square": dict(img_size=8, patch_size=2, in_chans=3),
     "gray-nonsquare": dict(img_size=(6, 10), patch_size=2, in_chans=1),
     "4ch-rect-patch": dict(img_size=(8, 12), patch_size=(4, 2), in_chans=4),
-}
-FUSED_KERNELS = {
-    "_masking_kernel",
-    "_copy_patches_kernel",
-    "_add_positions_kernel",
-    "_unshuffle_fwd_kernel",
-    "_unshuffle_bwd_kernel",
-    "_masked_loss_fwd_kernel",
-    "_masked_loss_bwd_kernel",
 }
 
 
@@ -58,7 +53,7 @@ def test_drop_in_matches_reference(backend, config, ratio, norm_pix, fresh_seed)
     for name, grad in ref_out[3].items():
         assert rel_err(fused_out[3][name], grad) <= 1e-5, name
     if backend == "triton":
-        assert FUSED_KERNELS <= set(launch_counts())
+        assert fused_kernel_names() <= set(launch_counts())
     else:
         assert launch_counts() == {}
 
@@ -134,3 +129,37 @@ def test_no_kept_patch_at_all(backend, fresh_seed):
     assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
     for name, grad in ref_out[3].items():
         assert rel_err(fused_out[3][name], grad) <= 1e-5, name
+
+
+def test_forward_checks_the_images_once(monkeypatch, backend):
+    """The drop-in validates its inputs at forward and runs the fused ops unchecked."""
+    _, fused = twin_models(**CONFIGS["rgb-square"])
+    calls = []
+    original = _checks.check_images
+    monkeypatch.setattr(_checks, "check_images", lambda *a: calls.append(a) or original(*a))
+    fused(torch.randn(2, 3, 8, 8))
+    assert len(calls) == 1
+
+
+def test_factories_take_the_model_class_norm_layer():
+    """A fused LayerNorm subclass, named once on the model class, reaches every norm through
+    the factories and keeps the official state_dict keys and initialisation."""
+
+    class TaggedLayerNorm(torch.nn.LayerNorm):
+        pass
+
+    class WithTaggedNorm(fastmae.MaskedAutoencoderViT):
+        factory_norm_layer = functools.partial(TaggedLayerNorm, eps=1e-6)
+
+    small = dict(img_size=8, patch_size=2, depth=1, decoder_depth=1, embed_dim=32, num_heads=2)
+    torch.manual_seed(0)
+    tagged = make_factories(WithTaggedNorm)[0](**small, decoder_embed_dim=16, decoder_num_heads=2)
+    torch.manual_seed(0)
+    official = fastmae.mae_vit_base_patch16(**small, decoder_embed_dim=16, decoder_num_heads=2)
+    norms = [m for m in tagged.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 6 and all(isinstance(m, TaggedLayerNorm) and m.eps == 1e-6 for m in norms)
+    assert all(not isinstance(m, TaggedLayerNorm) for m in official.modules())
+    for (name, value), (other, expected) in zip(
+        tagged.state_dict().items(), official.state_dict().items()
+    ):
+        assert name == other and torch.equal(value, expected), name

@@ -73,8 +73,8 @@ def test_patch_too_large_for_one_block_is_refused():
     from fastmae.kernels import loss
 
     with pytest.raises(ValueError, match=r"at most 65536 pixels; got 65537"):
-        loss._patch_block(65537)
-    assert loss._patch_block(768) == 1024
+        loss.launch_config(65537)
+    assert loss.launch_config(768)["BLOCK"] == 1024
 
 
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])

@@ -1,7 +1,8 @@
 """fastmae: Masked Autoencoder pre-training with fused Triton kernels.
 
 ``fastmae.MaskedAutoencoderViT`` is a drop-in for facebookresearch/mae's model;
-``fastmae.reference`` is the pure-PyTorch oracle; ``fastmae.functional`` holds the fused ops.
+``fastmae.reference`` is the pure-PyTorch oracle; ``fastmae.functional`` holds the fused ops;
+``fastmae.hf`` (with transformers installed) puts them into Hugging Face's ViTMAE.
 """
 
 from fastmae import functional, reference

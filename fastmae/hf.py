@@ -1,0 +1,310 @@
+"""fastmae's fused ops inside Hugging Face transformers' ViTMAE, with one call.
+
+    import fastmae.hf
+
+    model = ViTMAEForPreTraining.from_pretrained(...)
+    fastmae.hf.apply_fastmae(model)      # this instance, in place
+    # or, before the models are made:
+    fastmae.hf.patch_vitmae()            # the classes; fastmae.hf.unpatch_vitmae() undoes it
+
+What runs fused (the same ops as the drop-in model, on the same backends):
+- the encoder input: the mask drawn from ``noise`` (HF's ``random_masking``, with the config's
+  ``mask_ratio``), the patch embedding of the kept patches only, the position add and the cls
+  token (``ViTMAEEmbeddings.forward``);
+- the decoder input: the unshuffle with ``mask_token`` and ``decoder_pos_embed`` in one pass
+  (``ViTMAEDecoder.forward``, whose layers, norm and prediction stay HF's);
+- the loss with ``config.norm_pix_loss``, read from ``pixel_values`` without a patchified copy.
+Everything else is HF's own: the layers and their attention implementation,
+``output_hidden_states``/``output_attentions``, gradient checkpointing, the output classes and
+``return_dict``. Outputs (loss, logits, mask, ids_restore) and gradients equal the unpatched
+model's on the same weights and noise, within float32 rounding; without ``noise`` the same
+seed gives the same mask. The one deliberate difference is fastmae's: a mask that removes no
+patch (``mask_ratio`` 0) gives loss 0, where HF's ``sum / mask.sum()`` gives NaN.
+
+Calls that fall back to HF's own code for that call, with HF's result or HF's error:
+``interpolate_pos_encoding=True``; ``pixel_values`` that are not a floating ``[N, C, H, W]``
+tensor of the config's channels and image size; ``noise`` that is not a floating ``[N, L]``
+tensor on the images' device; a ``mask_ratio`` outside ``[0, 1]``; decoder inputs whose
+``ids_restore`` is not ``[N, L]`` of the model's L; a loss whose ``pred`` or ``mask`` is not
+shaped as the model makes them.
+
+Supports transformers 5.x, and 4.x from 4.40 (where ``ViTMAEForPreTraining`` has
+``forward_loss`` and the decoder takes ``output_attentions``): the patch is chosen by the
+features the installed version has, not by its version string.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+
+from fastmae import functional
+
+try:
+    from transformers.models.vit_mae import modeling_vit_mae as hf_vitmae
+except ImportError as error:  # pragma: no cover - exercised without transformers
+    raise ImportError("fastmae.hf needs transformers: pip install 'fastmae[hf]'") from error
+
+__all__ = ["apply_fastmae", "patch_vitmae", "unpatch_vitmae"]
+
+# HF's own methods, kept before any patching: the fallbacks call them, unpatch restores them.
+_ORIGINAL = {
+    (hf_vitmae.ViTMAEEmbeddings, "forward"): hf_vitmae.ViTMAEEmbeddings.forward,
+    (hf_vitmae.ViTMAEDecoder, "forward"): hf_vitmae.ViTMAEDecoder.forward,
+}
+# 4.x computes the loss in forward_loss; 5.x inline in forward, which is then replaced whole.
+_LOSS_METHOD = "forward_loss" if hasattr(hf_vitmae.ViTMAEForPreTraining, "forward_loss") else None
+_PRETRAINING_METHOD = _LOSS_METHOD or "forward"
+_ORIGINAL[(hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD)] = getattr(
+    hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD
+)
+# Older 4.x decoders collect hidden states and attentions themselves.
+_DECODER_COLLECTS_OUTPUTS = (
+    "output_attentions" in inspect.signature(hf_vitmae.ViTMAEDecoder.forward).parameters
+)
+
+
+def _original(cls, name):
+    return _ORIGINAL[(cls, name)]
+
+
+# -- when the fused path applies -----------------------------------------------------------------
+
+
+def _fusable_images(embeddings, pixel_values) -> bool:
+    """pixel_values as the fused ops take them: floating [N, C, H, W] of the config's C, H, W."""
+    patches = embeddings.patch_embeddings
+    image_size = tuple(patches.image_size)
+    return (
+        isinstance(pixel_values, torch.Tensor)
+        and pixel_values.is_floating_point()
+        and pixel_values.dim() == 4
+        and pixel_values.shape[1] == patches.num_channels
+        and tuple(pixel_values.shape[2:]) == image_size
+    )
+
+
+def _len_keep(embeddings):
+    """HF's ``int(L * (1 - mask_ratio))``, or None where that is not in ``[0, L]``."""
+    num_patches = embeddings.patch_embeddings.num_patches
+    len_keep = int(num_patches * (1 - embeddings.config.mask_ratio))
+    return len_keep if 0 <= len_keep <= num_patches else None
+
+
+def _fusable_noise(noise, pixel_values, num_patches) -> bool:
+    return noise is None or (
+        isinstance(noise, torch.Tensor)
+        and noise.is_floating_point()
+        and tuple(noise.shape) == (pixel_values.shape[0], num_patches)
+        and noise.device == pixel_values.device
+    )
+
+
+# -- the fused methods ---------------------------------------------------------------------------
+
+
+def _embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding=False):
+    """``ViTMAEEmbeddings.forward``: -> (embeddings ``[N, 1+K, D]``, mask, ids_restore)."""
+    num_patches = self.patch_embeddings.num_patches
+    len_keep = _len_keep(self)
+    fusable = (
+        not interpolate_pos_encoding
+        and _fusable_images(self, pixel_values)
+        and _fusable_noise(noise, pixel_values, num_patches)
+        and len_keep is not None
+    )
+    if not fusable:
+        extra = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+        original = _original(hf_vitmae.ViTMAEEmbeddings, "forward")
+        return original(self, pixel_values, noise=noise, **extra)
+    if noise is None:  # HF's draw, at the same point of the random stream
+        noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
+    ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+    proj = self.patch_embeddings.projection
+    embeddings = functional._embed_visible_patches(
+        pixel_values, ids_keep, proj.weight, proj.bias, self.cls_token, self.position_embeddings
+    )
+    return embeddings, mask, ids_restore
+
+
+def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
+    """``ViTMAEDecoder.forward``: the fused unshuffle, then HF's layers, norm and prediction."""
+    length = self.decoder_pos_embed.shape[1] - 1
+    fusable = (
+        not args
+        and not kwargs.get("interpolate_pos_encoding", False)
+        and isinstance(hidden_states, torch.Tensor)
+        and hidden_states.dim() == 3
+        and hidden_states.shape[1] <= length + 1
+        and isinstance(ids_restore, torch.Tensor)
+        and ids_restore.dtype in (torch.int64, torch.int32)
+        and tuple(ids_restore.shape) == (hidden_states.shape[0], length)
+        and ids_restore.device == hidden_states.device
+    )
+    if not fusable:
+        original = _original(hf_vitmae.ViTMAEDecoder, "forward")
+        return original(self, hidden_states, ids_restore, *args, **kwargs)
+    x = self.decoder_embed(hidden_states)
+    x = functional._unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+    if _DECODER_COLLECTS_OUTPUTS:
+        return _decoder_layers_collecting(self, x, **kwargs)
+    for layer in self.decoder_layers:
+        x = layer(x)
+        x = x[0] if isinstance(x, tuple) else x
+    logits = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+    return hf_vitmae.ViTMAEDecoderOutput(logits=logits)
+
+
+def _decoder_layers_collecting(
+    self, x, output_attentions=False, output_hidden_states=False, return_dict=True
+):
+    """The rest of a 4.x decoder forward that collects hidden states and attentions itself."""
+    all_hidden_states = () if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for layer in self.decoder_layers:
+        if output_hidden_states:
+            all_hidden_states += (x,)
+        if self.gradient_checkpointing and self.training:
+            outputs = self._gradient_checkpointing_func(layer.__call__, x, None, output_attentions)
+        else:
+            outputs = layer(x, head_mask=None, output_attentions=output_attentions)
+        x = outputs[0]
+        if output_attentions:
+            all_attentions += (outputs[1],)
+    if output_hidden_states:
+        all_hidden_states += (x,)
+    logits = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+    if not return_dict:
+        return tuple(v for v in (logits, all_hidden_states, all_attentions) if v is not None)
+    return hf_vitmae.ViTMAEDecoderOutput(
+        logits=logits, hidden_states=all_hidden_states, attentions=all_attentions
+    )
+
+
+def _fused_loss(self, pixel_values, pred, mask):
+    """The fused loss, or None where pred and mask are not shaped as the model makes them."""
+    config = self.config
+    patch = config.patch_size
+    length = self.vit.embeddings.patch_embeddings.num_patches
+    fusable = (
+        _fusable_images(self.vit.embeddings, pixel_values)
+        and isinstance(pred, torch.Tensor)
+        and pred.is_floating_point()
+        and tuple(pred.shape)
+        == (pixel_values.shape[0], length, patch * patch * config.num_channels)
+        and isinstance(mask, torch.Tensor)
+        and tuple(mask.shape) == (pixel_values.shape[0], length)
+        and pred.device == mask.device == pixel_values.device
+    )
+    if not fusable:
+        return None
+    return functional._masked_pixel_loss(
+        pixel_values, pred, mask, (patch, patch), config.norm_pix_loss
+    )
+
+
+def _forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding=False):
+    """4.x ``ViTMAEForPreTraining.forward_loss``."""
+    loss = None if interpolate_pos_encoding else _fused_loss(self, pixel_values, pred, mask)
+    if loss is not None:
+        return loss
+    extra = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+    original = _original(hf_vitmae.ViTMAEForPreTraining, "forward_loss")
+    return original(self, pixel_values, pred, mask, **extra)
+
+
+def _pretraining_forward(
+    self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None, **kw
+):
+    """5.x ``ViTMAEForPreTraining.forward`` (its loss is inline): HF's encoder and decoder
+    calls (both fused by their own patches) and the fused loss."""
+    embeddings = self.vit.embeddings
+    if interpolate_pos_encoding or not _fusable_images(embeddings, pixel_values):
+        original = _original(hf_vitmae.ViTMAEForPreTraining, "forward")
+        return original(
+            self,
+            pixel_values,
+            noise=noise,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            **kw,
+        )
+    outputs = self.vit(
+        pixel_values,
+        noise=noise,
+        interpolate_pos_encoding=interpolate_pos_encoding,
+        attention_mask=attention_mask,
+        **kw,
+    )
+    mask, ids_restore = outputs.mask, outputs.ids_restore
+    logits = self.decoder(outputs.last_hidden_state, ids_restore).logits
+    return hf_vitmae.ViTMAEForPreTrainingOutput(
+        loss=_fused_loss(self, pixel_values, logits, mask),
+        logits=logits,
+        mask=mask,
+        ids_restore=ids_restore,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
+def _tuple_capable(forward):
+    """HF 5.x's ``return_dict=False`` handling (``can_return_tuple``), as its forward has."""
+    from transformers import utils
+
+    wrap = getattr(utils, "can_return_tuple", None)
+    return wrap(forward) if wrap is not None else forward
+
+
+_FUSED = {
+    (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
+    (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
+    (hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD): (
+        _forward_loss if _LOSS_METHOD else _tuple_capable(_pretraining_forward)
+    ),
+}
+
+
+# -- the public calls ----------------------------------------------------------------------------
+
+
+def apply_fastmae(model):
+    """Put the fused ops into one ``ViTMAEForPreTraining`` (masking, encoder input, decoder
+    input, loss) or ``ViTMAEModel`` (masking and encoder input), in place; returns it.
+
+    The weights, the state_dict and the outputs stay the model's; see the module docstring
+    for what falls back to HF's code. Raises TypeError for any other class.
+    """
+    if isinstance(model, hf_vitmae.ViTMAEForPreTraining):
+        targets = {
+            hf_vitmae.ViTMAEEmbeddings: model.vit.embeddings,
+            hf_vitmae.ViTMAEDecoder: model.decoder,
+            hf_vitmae.ViTMAEForPreTraining: model,
+        }
+    elif isinstance(model, hf_vitmae.ViTMAEModel):
+        targets = {hf_vitmae.ViTMAEEmbeddings: model.embeddings}
+    else:
+        raise TypeError(
+            "fastmae.hf.apply_fastmae takes a transformers ViTMAEForPreTraining or ViTMAEModel, "
+            f"got {type(model).__module__}.{type(model).__qualname__}"
+        )
+    for (cls, name), fused in _FUSED.items():
+        if cls in targets:
+            setattr(targets[cls], name, types.MethodType(fused, targets[cls]))
+    return model
+
+
+def patch_vitmae() -> None:
+    """Patch transformers' ViTMAE classes, so that every ViTMAE model, made before or after,
+    runs the fused ops (except instances whose methods were replaced one by one)."""
+    for (cls, name), fused in _FUSED.items():
+        setattr(cls, name, fused)
+
+
+def unpatch_vitmae() -> None:
+    """Undo :func:`patch_vitmae`: the classes get HF's own methods back. Instances patched by
+    :func:`apply_fastmae` keep the fused ops."""
+    for (cls, name), original in _ORIGINAL.items():
+        setattr(cls, name, original)

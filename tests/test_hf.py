@@ -1,0 +1,289 @@
+"""fastmae.hf: the fused ops inside transformers' ViTMAE give the unpatched model's outputs and
+gradients, on both backends; what the kernels do not handle falls back to HF's code."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastmae  # noqa: E402
+import fastmae.hf  # noqa: E402
+from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
+from fastmae.kernels._triton import fused_kernel_names  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+TINY_HF = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=96,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=64,
+)
+NUM_PATCHES = (32 // 8) ** 2
+
+
+def config(**overrides):
+    return transformers.ViTMAEConfig(**{**TINY_HF, **overrides})
+
+
+def twins(cls=transformers.ViTMAEForPreTraining, **overrides):
+    """An HF model and a patched deep copy of it (same weights)."""
+    hf = cls(config(**overrides))
+    fused = fastmae.hf.apply_fastmae(copy.deepcopy(hf))
+    return hf, fused
+
+
+def run(model, pixel_values, noise=None, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    out = model(pixel_values, noise=noise, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-9) -> bool:
+    """Relative error at most rtol, with an absolute floor: the attention key bias's gradient
+    is zero in exact arithmetic (softmax ignores a shift shared by all keys), so both models
+    give rounding noise of about 1e-13 there."""
+    error = (actual.double() - expected.double()).norm().item()
+    return error <= rtol * expected.double().norm().item() + atol
+
+
+def assert_same(fused_out, hf_out, fused_grads, hf_grads):
+    assert torch.equal(fused_out.mask, hf_out.mask)
+    assert torch.equal(fused_out.ids_restore, hf_out.ids_restore)
+    assert rel_err(fused_out.loss, hf_out.loss) <= 1e-5
+    assert rel_err(fused_out.logits, hf_out.logits) <= 1e-5
+    assert fused_grads.keys() == hf_grads.keys() and "vit.embeddings.cls_token" in hf_grads
+    for name, grad in hf_grads.items():
+        assert close(fused_grads[name], grad), name
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_apply_matches_unpatched(backend, norm_pix, mask_ratio):
+    hf, fused = twins(norm_pix_loss=norm_pix, mask_ratio=mask_ratio)
+    pixel_values, noise = torch.randn(3, 3, 32, 32), torch.rand(3, NUM_PATCHES)
+    reset_launch_counts()
+    fused_out, fused_grads = run(fused, pixel_values, noise)
+    counts = launch_counts()
+    hf_out, hf_grads = run(hf, pixel_values, noise)
+    assert_same(fused_out, hf_out, fused_grads, hf_grads)
+    if backend == "triton":  # every fused kernel of a step ran
+        assert fused_kernel_names() - {"_copy_patches_kernel"} <= set(counts)
+        assert counts["_masking_kernel"] == 1 and counts["_masked_loss_bwd_kernel"] == 1
+    else:
+        assert counts == {}
+    assert fused.vit.layernorm.eps == hf.config.layer_norm_eps == 1e-12  # the config's own
+
+
+def test_same_seed_same_mask_without_noise(backend):
+    hf, fused = twins()
+    pixel_values = torch.randn(4, 3, 32, 32)
+    fused_out, fused_grads = run(fused, pixel_values, seed=7)
+    hf_out, hf_grads = run(hf, pixel_values, seed=7)
+    assert_same(fused_out, hf_out, fused_grads, hf_grads)
+
+
+def test_return_dict_false_gives_hf_tuple(backend):
+    hf, fused = twins()
+    pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+    try:
+        expected = hf(pixel_values, noise=noise, return_dict=False)
+    except AttributeError as error:  # transformers 4.40's own model fails so: fail alike
+        with pytest.raises(AttributeError, match=str(error)):
+            fused(pixel_values, noise=noise, return_dict=False)
+        return
+    got = fused(pixel_values, noise=noise, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert rel_err(a.float(), b.float()) <= 1e-5
+
+
+def test_hidden_states_and_attentions_are_hf_own(backend):
+    hf, fused = twins(attn_implementation="eager")
+    pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+    kwargs = dict(noise=noise, output_hidden_states=True, output_attentions=True)
+    got, expected = fused(pixel_values, **kwargs), hf(pixel_values, **kwargs)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 3
+    assert len(got.attentions) == len(expected.attentions) == 2
+    for a, b in zip(
+        got.hidden_states + got.attentions, expected.hidden_states + expected.attentions
+    ):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_gradient_checkpointing_is_hf_own(backend):
+    hf, fused = twins()
+    for model in (hf, fused):
+        model.gradient_checkpointing_enable()
+        model.train()
+    pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+    fused_out, fused_grads = run(fused, pixel_values, noise)
+    hf_out, hf_grads = run(hf, pixel_values, noise)
+    assert_same(fused_out, hf_out, fused_grads, hf_grads)
+
+
+def test_encoder_model_alone(backend):
+    hf, fused = twins(transformers.ViTMAEModel)
+    pixel_values, noise = torch.randn(3, 3, 32, 32), torch.rand(3, NUM_PATCHES)
+    reset_launch_counts()
+    got = fused(pixel_values, noise=noise)
+    counts = launch_counts()
+    expected = hf(pixel_values, noise=noise)
+    assert torch.equal(got.mask, expected.mask) and torch.equal(
+        got.ids_restore, expected.ids_restore
+    )
+    assert rel_err(got.last_hidden_state, expected.last_hidden_state) <= 1e-5
+    assert ("_masking_kernel" in counts) == (backend == "triton")
+
+
+def test_interpolate_pos_encoding_falls_back_to_hf(backend):
+    forward = transformers.ViTMAEForPreTraining.forward
+    if "interpolate_pos_encoding" not in inspect.signature(forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__} cannot interpolate ViTMAE positions")
+    hf, fused = twins()
+    pixel_values = torch.randn(2, 3, 48, 48)  # 6 x 6 patches, other than the config's 4 x 4
+    reset_launch_counts()
+    got, got_grads = run(fused, pixel_values, interpolate_pos_encoding=True)
+    assert launch_counts() == {}  # HF's code ran, not the kernels
+    expected, expected_grads = run(hf, pixel_values, interpolate_pos_encoding=True)
+    assert_same(got, expected, got_grads, expected_grads)
+
+
+def test_other_image_size_gives_hf_error(backend):
+    _, fused = twins()
+    with pytest.raises(ValueError, match="doesn't match model"):
+        fused(torch.randn(1, 3, 40, 40))
+
+
+def test_other_classes_are_refused():
+    with pytest.raises(
+        TypeError, match=r"takes a transformers ViTMAEForPreTraining .* got .*Linear"
+    ):
+        fastmae.hf.apply_fastmae(torch.nn.Linear(2, 2))
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(**{k: TINY_HF[k] for k in list(TINY_HF)[:6]})
+    )
+    with pytest.raises(TypeError, match="got transformers.models.vit.modeling_vit.ViTModel"):
+        fastmae.hf.apply_fastmae(vit)
+
+
+def test_patch_and_unpatch_the_classes(backend, tmp_path):
+    hf_vitmae = fastmae.hf.hf_vitmae
+    original = hf_vitmae.ViTMAEEmbeddings.forward
+    hf = transformers.ViTMAEForPreTraining(config(norm_pix_loss=True))
+    hf.save_pretrained(tmp_path)  # a local folder: nothing is downloaded
+    fastmae.hf.patch_vitmae()
+    try:
+        assert hf_vitmae.ViTMAEEmbeddings.forward is not original
+        loaded = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
+        pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+        reset_launch_counts()
+        got, got_grads = run(loaded, pixel_values, noise)
+        assert ("_unshuffle_fwd_kernel" in launch_counts()) == (backend == "triton")
+    finally:
+        fastmae.hf.unpatch_vitmae()
+    assert hf_vitmae.ViTMAEEmbeddings.forward is original
+    # The same folder unpatched (from_pretrained makes the position tables trainable, and the
+    # model evaluates: both models alike).
+    unpatched = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
+    expected, expected_grads = run(unpatched, pixel_values, noise)
+    assert_same(got, expected, got_grads, expected_grads)
+
+
+def test_compile_matches_eager(backend):
+    _, fused = twins(norm_pix_loss=True)
+    pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+    eager, eager_grads = run(fused, pixel_values, noise)
+    torch._dynamo.reset()
+    compiled, compiled_grads = run(torch.compile(fused), pixel_values, noise)
+    compiled_grads = {n.removeprefix("_orig_mod."): g for n, g in compiled_grads.items()}
+    assert_same(compiled, eager, compiled_grads, eager_grads)
+
+
+def test_bf16_autocast_within_hf_own_error():
+    """Low precision: the patched model's error against a float64 run is at most twice the
+    unpatched model's under the same autocast (bf16 cannot match fp32 bit for bit). The "auto"
+    backend: the interpreter has no bfloat16, so bf16 tensors take the torch path."""
+    hf, fused = twins(norm_pix_loss=True)
+    pixel_values, noise = torch.randn(4, 3, 32, 32), torch.rand(4, NUM_PATCHES)
+    oracle = copy.deepcopy(hf).double()(pixel_values.double(), noise=noise.double())
+    outputs = {}
+    for name, model in (("hf", hf), ("fused", fused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[name] = model(pixel_values, noise=noise)
+    for field in ("loss", "logits"):
+        hf_error = rel_err(getattr(outputs["hf"], field), getattr(oracle, field))
+        fused_error = rel_err(getattr(outputs["fused"], field), getattr(oracle, field))
+        assert fused_error <= 2 * hf_error + 1e-6, field
+    assert torch.equal(outputs["fused"].mask, oracle.mask.float())
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, count):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 3, 32, 32, generator=generator)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index]}
+
+
+def train_two_steps(model, output_dir):
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        seed=11,
+        dataloader_num_workers=0,
+    )
+    losses = []
+
+    class Record(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Images(4))
+    trainer.add_callback(Record())
+    result = trainer.train()
+    return (
+        result.training_loss,
+        losses,
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+    )
+
+
+def test_trainer_two_steps_match_unpatched(backend, tmp_path):
+    pytest.importorskip("accelerate")
+    hf, fused = twins(norm_pix_loss=True)
+    reset_launch_counts()
+    fused_loss, fused_losses, fused_params = train_two_steps(fused, tmp_path / "fused")
+    counts = launch_counts()
+    hf_loss, hf_losses, hf_params = train_two_steps(hf, tmp_path / "hf")
+    assert len(fused_losses) == len(hf_losses) == 2
+    assert fused_losses == pytest.approx(hf_losses, rel=1e-5)
+    assert rel_err(torch.tensor(fused_loss), torch.tensor(hf_loss)) <= 1e-5
+    # Adam turns the key bias's rounding-noise gradient (~1e-13) into steps of about
+    # lr * noise / eps ~ 1e-8 on a zero parameter: an absolute floor above that.
+    for name, param in hf_params.items():
+        assert close(fused_params[name], param, atol=1e-6), name
+    assert (counts.get("_masked_loss_bwd_kernel", 0) == 2) == (backend == "triton")

@@ -36,6 +36,10 @@ PIXELS = PATCH * PATCH * CHANS
 
 # The model's pred is the slice x[:, 1:] of the decoder output [N, 1+L, P]: read with strides.
 PRED_STRIDES = dict(stride_n=(LENGTH + 1) * PIXELS, stride_l=PIXELS, stride_p=1)
+# The video MAE's ViT-L default: 16 frames, tubelets of 2, ratio 0.9, 8 target frames (u' = 1).
+FRAMES, T_PATCH, PRED_T = 16, 2, 8
+VIDEO_LENGTH = FRAMES // T_PATCH * LENGTH
+VIDEO_KEEP = int(VIDEO_LENGTH * (1 - 0.9))
 
 
 def ptr(dtype):
@@ -57,8 +61,10 @@ def spec(label, kernel, args: dict, constexprs: dict, config: dict):
 def kernel_specs(width: int):
     """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes,
     the block sizes and warps from the launchers' own configuration functions."""
-    image = dict(C=CHANS, H=IMG, W=IMG, grid_w=IMG // PATCH)
+    image = dict(C=CHANS, F=1, H=IMG, W=IMG, grid_w=IMG // PATCH)
+    video = {**image, "F": FRAMES}
     sizes = dict(L=LENGTH, K=KEEP)
+    video_sizes = dict(L=VIDEO_LENGTH, K=VIDEO_KEEP)
     specs = [
         spec(
             f"masking{'' if dtype == 'fp32' else ' (bf16 noise, mask)'}",
@@ -69,9 +75,10 @@ def kernel_specs(width: int):
         )
         for dtype in ("fp32", "bf16")
     ]
-    for label, has_ids, channel_last, tokens in (
-        ("kept patches (c,i,j)", True, False, KEEP),
-        ("patchify (i,j,c)", False, True, LENGTH),
+    for label, has_ids, channel_last, tokens, geometry, u in (
+        ("kept patches (c,i,j)", True, False, KEEP, image, 1),
+        ("patchify (i,j,c)", False, True, LENGTH, image, 1),
+        ("video kept tubelets (c,u,i,j)", True, False, VIDEO_KEEP, video, T_PATCH),
     ):
         for to_image in (False, True):
             flags = dict(HAS_IDS=has_ids, CHANNEL_LAST=channel_last, TO_IMAGE=to_image)
@@ -79,51 +86,58 @@ def kernel_specs(width: int):
                 spec(
                     f"{'scatter' if to_image else 'gather'} {label}",
                     patchify._copy_patches_kernel,
-                    {**pointers("imgs=fp32 patches=fp32 ids=i64"), "T": tokens, **image},
-                    dict(PH=PATCH, PW=PATCH, **flags),
-                    patchify.launch_config(CHANS, (PATCH, PATCH)),
+                    {**pointers("imgs=fp32 patches=fp32 ids=i64"), "T": tokens, **geometry},
+                    dict(U=u, PH=PATCH, PW=PATCH, **flags),
+                    patchify.launch_config(CHANS, (u, PATCH, PATCH)),
                 )
             )
-    specs += [
-        spec(
-            "add positions (bf16 GEMM out)",
-            patch_embed._add_positions_kernel,
-            {
-                **pointers("out=fp32 tokens=bf16 ids_keep=i64 cls=fp32 pos=fp32"),
-                **sizes,
-                "D": width,
-            },
-            {},
-            row_tile_config(width),
-        ),
-        spec(
-            "unshuffle fwd (bf16 x)",
-            unshuffle._unshuffle_fwd_kernel,
-            {**pointers("out=fp32 x=bf16 ids_restore=i64 mask_token=fp32 pos=fp32"), **sizes}
-            | {"D": DECODER},
-            {},
-            row_tile_config(DECODER),
-        ),
-        spec(
-            "unshuffle bwd",
-            unshuffle._unshuffle_bwd_kernel,
-            {
-                **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids_restore=i64"),
-                **sizes,
-                "D": DECODER,
-            },
-            {},
-            row_tile_config(DECODER),
-        ),
-    ]
-    loss_inputs = {**pointers("pred=bf16 imgs=fp32 mask=fp32"), "L": LENGTH, **image}
-    loss_inputs.update(P=PIXELS, **PRED_STRIDES)
-    for norm_pix in (False, True):
+    for prefix, cls, row_sizes in (("", 1, sizes), ("video ", 0, video_sizes)):
+        specs += [
+            spec(
+                f"{prefix}add positions (bf16 GEMM out)",
+                patch_embed._add_positions_kernel,
+                {
+                    **pointers("out=fp32 tokens=bf16 ids_keep=i64 cls=fp32 pos=fp32"),
+                    **row_sizes,
+                    "D": width,
+                },
+                {"CLS": cls},
+                row_tile_config(width),
+            ),
+            spec(
+                f"{prefix}unshuffle fwd (bf16 x)",
+                unshuffle._unshuffle_fwd_kernel,
+                {**pointers("out=fp32 x=bf16 ids_restore=i64 mask_token=fp32 pos=fp32")}
+                | {**row_sizes, "D": DECODER},
+                {"CLS": cls},
+                row_tile_config(DECODER),
+            ),
+            spec(
+                f"{prefix}unshuffle bwd",
+                unshuffle._unshuffle_bwd_kernel,
+                {
+                    **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids_restore=i64"),
+                    **row_sizes,
+                    "D": DECODER,
+                },
+                {"CLS": cls},
+                row_tile_config(DECODER),
+            ),
+        ]
+    image_loss = {"L": LENGTH, **image, "P": PIXELS, **PRED_STRIDES}
+    video_strides = dict(stride_n=VIDEO_LENGTH * PIXELS, stride_l=PIXELS, stride_p=1)
+    video_loss = {"L": VIDEO_LENGTH, **video, "P": PIXELS, **video_strides}
+    for norm_pix, prefix, geometry, table in (
+        (False, "", image_loss, False),
+        (True, "", image_loss, False),
+        (True, "video ", video_loss, True),
+    ):
+        loss_inputs = {**pointers("pred=bf16 imgs=fp32 mask=fp32 frames=i64"), **geometry}
         suffix = " normpix" if norm_pix else ""
-        constexprs = dict(PH=PATCH, PW=PATCH, NORM_PIX=norm_pix)
+        constexprs = dict(U=1, PH=PATCH, PW=PATCH, FRAME_TABLE=table, NORM_PIX=norm_pix)
         specs.append(
             spec(
-                f"loss fwd{suffix} (bf16 pred)",
+                f"{prefix}loss fwd{suffix} (bf16 pred)",
                 loss._masked_loss_fwd_kernel,
                 {
                     **pointers("patch_loss=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
@@ -136,7 +150,7 @@ def kernel_specs(width: int):
         )
         specs.append(
             spec(
-                f"loss bwd{suffix} (bf16 pred)",
+                f"{prefix}loss bwd{suffix} (bf16 pred)",
                 loss._masked_loss_bwd_kernel,
                 {**pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 mean=fp32 rstd=fp32")}
                 | loss_inputs,

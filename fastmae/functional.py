@@ -27,6 +27,7 @@ from fastmae._checks import to_2tuple
 from fastmae.dispatch import use_triton
 from fastmae.kernels.loss import masked_pixel_loss_op
 from fastmae.kernels.masking import masking_op
+from fastmae.kernels.patch_embed import add_positions_op
 from fastmae.kernels.patch_embed import embed_visible_patches as _embed_kept_patches
 from fastmae.kernels.patchify import gather_patches_op, scatter_patches_op
 from fastmae.kernels.unshuffle import unshuffle_op
@@ -95,10 +96,23 @@ def embed_visible_patches(
 
 
 def _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
-    triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
+    """Also for videos ``[N, C, T, H, W]`` with a Conv3d weight, and without a cls token."""
+    tables = [t for t in (cls_token, pos_embed) if t is not None]
+    triton_path = use_triton(imgs, weight, bias, *tables)
     return _embed_kept_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
     )
+
+
+def _add_positions(tokens, ids_keep, cls_token, pos_embed):
+    """Embedded kept tokens ``[N, K, D]`` -> ``[N, S+K, D]``: the cls token (if not None) +
+    ``pos_embed[0]`` first, then each token + its position ``pos_embed[S + ids_keep]``."""
+    width = tokens.shape[2]
+    tables = [t for t in (cls_token, pos_embed) if t is not None]
+    cls_token = None if cls_token is None else cls_token.reshape(width)
+    pos_embed = pos_embed.reshape(-1, width)
+    triton_path = use_triton(tokens, *tables)
+    return add_positions_op(tokens, ids_keep.long(), cls_token, pos_embed, triton_path)
 
 
 def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, *, validate_ids: bool = True):
@@ -124,11 +138,12 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, *, validate_ids: boo
     return _unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
 
 
-def _unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
+def _unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True):
+    """``has_cls=False``: x ``[N, K, D]`` and pos_embed ``[1, L, D]`` have no cls row."""
     width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
     mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
-    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, triton_path)
+    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, has_cls, triton_path)
 
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
@@ -152,9 +167,13 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
 
 
 def _unpatchify(x, patch_size, grid_size):
-    (ph, pw), (h, w) = patch_size, grid_size
-    image_shape = [x.shape[0], x.shape[2] // (ph * pw), h * ph, w * pw]
-    return scatter_patches_op(x, None, [ph, pw], image_shape, True, use_triton(x))
+    """Also for videos: patch ``(u, ph, pw)`` and grid ``(t, h, w)``."""
+    pixels = 1
+    for side in patch_size:
+        pixels *= side
+    sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
+    image_shape = [x.shape[0], x.shape[2] // pixels, *sizes]
+    return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
 
 
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
@@ -171,9 +190,11 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
     return _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss)
 
 
-def _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss):
+def _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
+    """Also for videos: imgs ``[N, C, T, H, W]``, patch ``(u, ph, pw)``, and ``frames`` the
+    int64 frame of each tubelet frame (the video MAE's target frames), read in place."""
     # The mask's gradient needs every patch's MSE, so only then are all patches read.
     all_patches = mask.requires_grad and torch.is_grad_enabled()
     triton_path = use_triton(imgs, pred, mask)
-    args = (imgs, pred, mask, list(patch_size), bool(norm_pix_loss), all_patches, triton_path)
-    return masked_pixel_loss_op(*args)[0]
+    flags = (bool(norm_pix_loss), all_patches, triton_path)
+    return masked_pixel_loss_op(imgs, pred, mask, frames, list(patch_size), *flags)[0]

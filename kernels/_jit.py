@@ -19,20 +19,35 @@ def patch_offsets(element, C, H, W, PH: tl.constexpr, PW: tl.constexpr, CHANNEL_
 
 @triton.jit
 def patch_corner(
-    token, ids_ptr, T, C, H, W, grid_w, PH: tl.constexpr, PW: tl.constexpr, HAS_IDS: tl.constexpr
+    token,
+    ids_ptr,
+    T,
+    C,
+    F,
+    H,
+    W,
+    grid_w,
+    U: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_IDS: tl.constexpr,
 ):
-    """Offset (int64) in ``[N, C, H, W]`` of the top-left pixel of row ``token`` (= n*T + t)'s
-    patch: ``ids[token]`` with HAS_IDS, else patch t. Also whether that patch exists: an id
-    outside ``[0, L)`` gives offset 0 and False, so callers mask every access through it."""
+    """Offset (int64) in a video ``[N, C, F, H, W]`` of the first pixel of row ``token``
+    (= n*T + t)'s patch of ``U x PH x PW`` pixels: patch ``ids[token]`` with HAS_IDS, else
+    patch t, numbered ``(t, h, w)`` row-major. Also whether that patch exists: an id outside
+    ``[0, L)`` gives offset 0 and False, so callers mask every access through it."""
     image = token // T
+    grid_hw = (H // PH) * grid_w
     if HAS_IDS:
         patch = tl.load(ids_ptr + token).to(tl.int64)
-        in_range = (patch >= 0) & (patch < (H // PH) * grid_w)
+        in_range = (patch >= 0) & (patch < (F // U) * grid_hw)
         patch = tl.where(in_range, patch, 0)
     else:
         patch = token % T
         in_range = patch >= 0
-    corner = image * C * H * W + (patch // grid_w) * PH * W + (patch % grid_w) * PW
+    spatial = patch % grid_hw
+    corner = image * C * F * H * W + (patch // grid_hw) * U * H * W
+    corner += (spatial // grid_w) * PH * W + (spatial % grid_w) * PW
     return corner, in_range
 
 

@@ -160,6 +160,6 @@ def row_tile_grid(n: int, rows: int, width: int) -> tuple[int, int, int]:
     return (n, triton.cdiv(rows, config["BLOCK_T"]), triton.cdiv(width, config["BLOCK_D"]))
 
 
-def launch_row_tiles(kernel, n: int, rows: int, width: int, *args) -> None:
+def launch_row_tiles(kernel, n: int, rows: int, width: int, *args, **constants) -> None:
     """Launch a row-tile kernel over an ``[n, rows, width]`` output (see ``_jit.row_tile``)."""
-    launch(kernel, row_tile_grid(n, rows, width), *args, **row_tile_config(width))
+    launch(kernel, row_tile_grid(n, rows, width), *args, **constants, **row_tile_config(width))

@@ -1,10 +1,12 @@
-"""Patch gather and scatter between images ``[N, C, H, W]`` and patch rows ``[N, T, P]``.
+"""Patch gather and scatter between images or videos and patch rows ``[N, T, P]``.
 
-One kernel pair serves three ops:
-- patchify / unpatchify: every patch, pixel order ``(i, j, c)`` (channel fastest), as MAE's;
-- the encoder input: the kept patches only (``ids``), in the conv weight's ``(c, i, j)`` order,
-  and its backward, which scatters pixel gradients back into a zero image.
-Each pixel belongs to one patch, so the scatter writes every destination at most once.
+An image ``[N, C, H, W]`` is a video ``[N, C, 1, H, W]`` of one frame, and a patch a tubelet
+of ``u = 1`` frame: one kernel pair serves both, and three ops:
+- patchify / unpatchify: every patch, pixel order ``(u, i, j, c)`` (channel fastest), as MAE's;
+- the encoder input: the kept patches only (``ids``), in the conv weight's ``(c, u, i, j)``
+  order, and its backward, which scatters pixel gradients back into a zero image.
+Patches are numbered ``(t, h, w)``, row-major. Each pixel belongs to one patch, so the scatter
+writes every destination at most once.
 """
 
 from typing import Optional
@@ -19,9 +21,12 @@ from ._triton import IntList, fused_op, ids_in_range, launch, nbytes, tl, triton
 @triton.jit
 def _tile_offsets(
     first_channel,
+    frame,
     C,
+    F,
     H,
     W,
+    U: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
     C_BLOCK: tl.constexpr,
@@ -29,31 +34,33 @@ def _tile_offsets(
     PW_BLOCK: tl.constexpr,
     CHANNEL_LAST: tl.constexpr,
 ):
-    """A ``[C_BLOCK, PH_BLOCK, PW_BLOCK]`` tile of one patch: offsets in the image (relative to
-    the patch corner), offsets in the patch row, and validity. The innermost axis runs along
-    image columns, so image-side accesses are contiguous runs of PW pixels (vectorisable)."""
+    """A ``[C_BLOCK, PH_BLOCK, PW_BLOCK]`` tile of frame ``frame`` of one patch: offsets in the
+    video (relative to the patch corner), offsets in the patch row, and validity. The innermost
+    axis runs along image columns, so video-side accesses are contiguous runs of PW pixels."""
     channel = first_channel + tl.arange(0, C_BLOCK)[:, None, None]
     row = tl.arange(0, PH_BLOCK)[None, :, None]
     col = tl.arange(0, PW_BLOCK)[None, None, :]
     valid = (channel < C) & (row < PH) & (col < PW)
-    image_offsets = channel * H * W + row * W + col
+    image_offsets = channel * F * H * W + frame * H * W + row * W + col
     if CHANNEL_LAST:
-        patch_offsets = (row * PW + col) * C + channel
+        patch_offsets = ((frame * PH + row) * PW + col) * C + channel
     else:
-        patch_offsets = (channel * PH + row) * PW + col
+        patch_offsets = ((channel * U + frame) * PH + row) * PW + col
     return image_offsets, patch_offsets, valid
 
 
 @triton.jit
 def _copy_patches_kernel(
-    imgs_ptr,  # [N, C, H, W]: read, or written when TO_IMAGE (other patches left untouched)
-    patches_ptr,  # [N, T, C*PH*PW]: written, or read when TO_IMAGE
+    imgs_ptr,  # [N, C, F, H, W]: read, or written when TO_IMAGE (other patches left untouched)
+    patches_ptr,  # [N, T, C*U*PH*PW]: written, or read when TO_IMAGE
     ids_ptr,  # [N, T] int64 patch index of each row (read only when HAS_IDS)
     T,
     C,
+    F,
     H,
     W,
     grid_w,
+    U: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_IDS: tl.constexpr,
@@ -63,52 +70,75 @@ def _copy_patches_kernel(
     PH_BLOCK: tl.constexpr,
     PW_BLOCK: tl.constexpr,
 ):
-    """Grid ``(N*T,)``: each program copies one patch between the image and its row (the
-    gather), or back (TO_IMAGE, the scatter), C_BLOCK channels a step."""
+    """Grid ``(N*T,)``: each program copies one patch between the video and its row (the
+    gather), or back (TO_IMAGE, the scatter), one frame and C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
-    corner, in_range = patch_corner(token, ids_ptr, T, C, H, W, grid_w, PH, PW, HAS_IDS)
-    row_start = patches_ptr + token * (C * PH * PW)
-    for first_channel in range(0, C, C_BLOCK):
-        image_offsets, patch_offsets, valid = _tile_offsets(
-            first_channel, C, H, W, PH, PW, C_BLOCK, PH_BLOCK, PW_BLOCK, CHANNEL_LAST
-        )
-        # A row whose id is out of range gathers zeros and scatters nothing. (tl.where, not
-        # `&`: the interpreter mistypes a scalar & tensor mask.)
-        image_valid = tl.where(in_range, valid, False)
-        if TO_IMAGE:
-            pixels = tl.load(row_start + patch_offsets, mask=valid)
-            tl.store(imgs_ptr + corner + image_offsets, pixels, mask=image_valid)
-        else:
-            pixels = tl.load(imgs_ptr + corner + image_offsets, mask=image_valid, other=0)
-            tl.store(row_start + patch_offsets, pixels, mask=valid)
+    corner, in_range = patch_corner(token, ids_ptr, T, C, F, H, W, grid_w, U, PH, PW, HAS_IDS)
+    row_start = patches_ptr + token * (C * U * PH * PW)
+    for frame in range(U):
+        for first_channel in range(0, C, C_BLOCK):
+            image_offsets, patch_offsets, valid = _tile_offsets(
+                first_channel,
+                frame,
+                C,
+                F,
+                H,
+                W,
+                U,
+                PH,
+                PW,
+                C_BLOCK,
+                PH_BLOCK,
+                PW_BLOCK,
+                CHANNEL_LAST,
+            )
+            # A row whose id is out of range gathers zeros and scatters nothing. (tl.where, not
+            # `&`: the interpreter mistypes a scalar & tensor mask.)
+            image_valid = tl.where(in_range, valid, False)
+            if TO_IMAGE:
+                pixels = tl.load(row_start + patch_offsets, mask=valid)
+                tl.store(imgs_ptr + corner + image_offsets, pixels, mask=image_valid)
+            else:
+                pixels = tl.load(imgs_ptr + corner + image_offsets, mask=image_valid, other=0)
+                tl.store(row_start + patch_offsets, pixels, mask=valid)
 
 
 def launch_config(channels: int, patch_size) -> dict:
-    """Launch parameters of the patch kernels: at most 4096 pixels (8 per thread) per step."""
-    ph_block, pw_block = (triton.next_power_of_2(side) for side in patch_size)
+    """Launch parameters of the patch kernels: at most 4096 pixels (8 per thread) per step;
+    ``patch_size`` is ``(ph, pw)`` or ``(u, ph, pw)`` (a step is one frame)."""
+    ph_block, pw_block = (triton.next_power_of_2(side) for side in patch_size[-2:])
     c_block = max(1, min(triton.next_power_of_2(channels), 4096 // (ph_block * pw_block)))
     tile = c_block * ph_block * pw_block
     return dict(C_BLOCK=c_block, PH_BLOCK=ph_block, PW_BLOCK=pw_block, num_warps=warps_for(tile))
 
 
-def _copy_patches_triton(imgs, patches, ids, patch_size, channel_last: bool, to_image: bool):
-    """One program per patch row: imgs -> patches, or patches -> imgs with ``to_image``."""
+def as_video(imgs: Tensor, patch_size):
+    """``(imgs as [N, C, F, H, W], patch size as (u, ph, pw))``: an image is one frame."""
+    if imgs.dim() == 4:
+        return imgs.unsqueeze(2), (1, *patch_size)
+    return imgs, tuple(patch_size)
+
+
+def _copy_patches_triton(video, patches, ids, patch_size, channel_last: bool, to_image: bool):
+    """One program per patch row: video -> patches, or patches -> video with ``to_image``."""
     n, tokens, _ = patches.shape
     if not patches.numel():
         return
-    _, c, height, width = imgs.shape
-    ph, pw = patch_size
+    _, c, frames, height, width = video.shape
+    u, ph, pw = patch_size
     launch(
         _copy_patches_kernel,
         (n * tokens,),
-        imgs,
+        video,
         patches,
-        imgs if ids is None else ids.contiguous(),  # any pointer when HAS_IDS is off
+        video if ids is None else ids.contiguous(),  # any pointer when HAS_IDS is off
         tokens,
         c,
+        frames,
         height,
         width,
         width // pw,
+        U=u,
         PH=ph,
         PW=pw,
         HAS_IDS=ids is not None,
@@ -118,71 +148,78 @@ def _copy_patches_triton(imgs, patches, ids, patch_size, channel_last: bool, to_
     )
 
 
-def _patch_view(imgs: torch.Tensor, patch_size, channel_last: bool) -> torch.Tensor:
-    """A strided view ``[N, h, w, *patch]`` of imgs, patch as ``(ph, pw, C)`` or ``(C, ph, pw)``."""
-    n, c, height, width = imgs.shape
-    ph, pw = patch_size
-    view = imgs.view(n, c, height // ph, ph, width // pw, pw)
-    return view.permute(0, 2, 4, 3, 5, 1) if channel_last else view.permute(0, 2, 4, 1, 3, 5)
+def _patch_view(video: Tensor, patch_size, channel_last: bool) -> Tensor:
+    """A strided view ``[N, t, h, w, *patch]`` of a video, patch as ``(u, ph, pw, C)`` or
+    ``(C, u, ph, pw)``."""
+    n, c, frames, height, width = video.shape
+    u, ph, pw = patch_size
+    view = video.view(n, c, frames // u, u, height // ph, ph, width // pw, pw)
+    order = (3, 5, 7, 1) if channel_last else (1, 3, 5, 7)
+    return view.permute(0, 2, 4, 6, *order)
 
 
-def _grid_index(ids: torch.Tensor, imgs: torch.Tensor, patch_size):
-    """Advanced-indexing triple (image, patch row, patch column) for ``ids [N, T]`` into the
-    patch view of ``imgs``, and the ``[N, T]`` validity of each id; ids outside ``[0, L)`` are
-    replaced by 0, as the kernel does."""
-    grid_w = imgs.shape[3] // patch_size[1]
-    ids, in_range = ids_in_range(ids, (imgs.shape[2] // patch_size[0]) * grid_w)
-    rows = torch.arange(imgs.shape[0], device=ids.device)[:, None]
-    return (rows, ids // grid_w, ids % grid_w), in_range
+def _grid_index(ids: Tensor, view: Tensor):
+    """Advanced-indexing tuple (video, t, h, w) for ``ids [N, T]`` into a patch view, and the
+    ``[N, T]`` validity of each id; ids outside ``[0, L)`` are replaced by 0, as the kernel
+    does."""
+    n, grid_t, grid_h, grid_w = view.shape[:4]
+    ids, in_range = ids_in_range(ids, grid_t * grid_h * grid_w)
+    rows = torch.arange(n, device=ids.device)[:, None]
+    return (rows, ids // (grid_h * grid_w), ids // grid_w % grid_h, ids % grid_w), in_range
 
 
-def _gather_torch(imgs, ids, patch_size, channel_last: bool):
+def _gather_torch(video, ids, patch_size, channel_last: bool):
     """-> ``[N, T, *patch]``, a new tensor (an op's output must not alias its input)."""
-    view = _patch_view(imgs, patch_size, channel_last)
+    view = _patch_view(video, patch_size, channel_last)
     if ids is None:
-        return imgs.new_empty(view.shape).copy_(view)
-    index, in_range = _grid_index(ids, imgs, patch_size)
-    return view[index].masked_fill_(in_range.logical_not()[..., None, None, None], 0)
+        return video.new_empty(view.shape).copy_(view)
+    index, in_range = _grid_index(ids, view)
+    return view[index].masked_fill_(in_range.logical_not()[..., None, None, None, None], 0)
 
 
-def _scatter_torch(imgs, patches, ids, patch_size, channel_last: bool):
-    view = _patch_view(imgs, patch_size, channel_last)
+def _scatter_torch(video, patches, ids, patch_size, channel_last: bool):
+    view = _patch_view(video, patch_size, channel_last)
     if ids is None:
         view.copy_(patches.view(view.shape))
         return
-    index, in_range = _grid_index(ids, imgs, patch_size)
-    rows, grid_rows, grid_cols = (part.expand_as(ids)[in_range] for part in index)
-    view[rows, grid_rows, grid_cols] = patches.view(*ids.shape, *view.shape[3:])[in_range]
+    index, in_range = _grid_index(ids, view)
+    rows, grid_t, grid_h, grid_w = (part.expand_as(ids)[in_range] for part in index)
+    view[rows, grid_t, grid_h, grid_w] = patches.view(*ids.shape, *view.shape[4:])[in_range]
 
 
-def gather_patches(imgs, ids: Optional[torch.Tensor], patch_size, channel_last, use_triton):
-    """imgs ``[N, C, H, W]`` -> patches ``[N, T, ph*pw*C]`` of the same dtype.
+def gather_patches(imgs, ids: Optional[Tensor], patch_size, channel_last, use_triton):
+    """imgs ``[N, C, H, W]`` (patch ``(ph, pw)``) or ``[N, C, F, H, W]`` (patch ``(u, ph,
+    pw)``) -> patches ``[N, T, u*ph*pw*C]`` of the same dtype.
 
-    ``ids [N, T]`` int64 selects patches (row-major over the patch grid); None takes all L.
-    An id outside ``[0, L)`` gives a row of zeros.
+    ``ids [N, T]`` int64 selects patches (row-major over the ``(t, h, w)`` grid); None takes
+    all L. An id outside ``[0, L)`` gives a row of zeros.
     """
-    imgs = imgs.contiguous()
-    n, c, height, width = imgs.shape
-    ph, pw = patch_size
-    tokens = (height // ph) * (width // pw) if ids is None else ids.shape[1]
+    video, patch_size = as_video(imgs.contiguous(), patch_size)
+    n, c, frames, height, width = video.shape
+    u, ph, pw = patch_size
+    length = (frames // u) * (height // ph) * (width // pw)
+    tokens = length if ids is None else ids.shape[1]
     if not use_triton:
-        return _gather_torch(imgs, ids, patch_size, channel_last).view(n, tokens, c * ph * pw)
-    patches = imgs.new_empty(n, tokens, c * ph * pw)
-    _copy_patches_triton(imgs, patches, ids, patch_size, channel_last, to_image=False)
+        patches = _gather_torch(video, ids, patch_size, channel_last)
+        return patches.view(n, tokens, c * u * ph * pw)
+    patches = imgs.new_empty(n, tokens, c * u * ph * pw)
+    _copy_patches_triton(video, patches, ids, patch_size, channel_last, to_image=False)
     return patches
 
 
 def scatter_patches(
-    patches, ids: Optional[torch.Tensor], patch_size, image_shape, channel_last, use_triton
+    patches, ids: Optional[Tensor], patch_size, image_shape, channel_last, use_triton
 ):
-    """patches ``[N, T, ph*pw*C]`` -> imgs ``image_shape``; pixels of unlisted patches (and rows
-    whose id is outside ``[0, L)``) are 0."""
+    """patches ``[N, T, u*ph*pw*C]`` -> imgs ``image_shape`` (4-D or 5-D, as for
+    :func:`gather_patches`); pixels of unlisted patches (and rows whose id is outside
+    ``[0, L)``) are 0."""
     patches = patches.contiguous()
     imgs = patches.new_empty(image_shape) if ids is None else patches.new_zeros(image_shape)
+    video, patch_size = as_video(imgs, patch_size)
     if use_triton:
-        _copy_patches_triton(imgs, patches, ids, patch_size, channel_last, to_image=True)
+        _copy_patches_triton(video, patches, ids, patch_size, channel_last, to_image=True)
     else:
-        _scatter_torch(imgs, patches, ids, patch_size, channel_last)
+        _scatter_torch(video, patches, ids, patch_size, channel_last)
     return imgs
 
 
@@ -199,9 +236,10 @@ def gather_patches_op(
 
 @gather_patches_op.register_fake
 def _(imgs, ids, patch_size, channel_last, use_triton):
-    n, c, height, width = imgs.shape
-    tokens = (height // patch_size[0]) * (width // patch_size[1]) if ids is None else ids.shape[1]
-    return imgs.new_empty(n, tokens, c * patch_size[0] * patch_size[1])
+    video, (u, ph, pw) = as_video(imgs, patch_size)
+    n, c, frames, height, width = video.shape
+    tokens = (frames // u) * (height // ph) * (width // pw) if ids is None else ids.shape[1]
+    return imgs.new_empty(n, tokens, c * u * ph * pw)
 
 
 @torch.library.custom_op("fastmae::scatter_patches", mutates_args=())

@@ -1,7 +1,10 @@
 """Decoder input in one pass: every position gets its kept token or the mask token, plus pos.
 
-    out[n, 0]   = x[n, 0] + pos[0]                                   (the cls token)
-    out[n, 1+l] = (x[n, 1+r] if r < K else mask_token) + pos[1+l],   r = ids_restore[n, l]
+    out[n, 0]   = x[n, 0] + pos[0]                                   (a cls token, if any)
+    out[n, S+l] = (x[n, S+r] if r < K else mask_token) + pos[S+l],   r = ids_restore[n, l]
+
+with S = 1 where x and the output start with a cls row (the image MAE), 0 where they do not
+(the video MAE without ``cls_embed``).
 
 The official code concatenates mask tokens, gathers with a repeated int64 index and adds the
 position embedding in three passes. The backward is the same map read the other way: the
@@ -27,40 +30,42 @@ from ._triton import (
 
 
 @triton.jit
-def _source_rows(ids_restore_ptr, image, row, row_valid, L, K):
-    """For output rows ``row`` (0..L) of one image: the row of x each reads, whether it reads
-    one (the cls row and kept patches), and whether it is a mask-token row instead. A rank
-    outside ``[0, L)`` (possible only unchecked) reads neither: its row is the position alone."""
-    is_patch = row_valid & (row > 0)
-    rank = tl.load(ids_restore_ptr + image * L + row - 1, mask=is_patch, other=0)
-    reads_x = (row == 0) | (is_patch & (rank >= 0) & (rank < K))
+def _source_rows(ids_restore_ptr, image, row, row_valid, L, K, CLS: tl.constexpr):
+    """For output rows ``row`` (0..CLS+L-1) of one sample: the row of x each reads, whether it
+    reads one (the cls row and kept patches), and whether it is a mask-token row instead. A
+    rank outside ``[0, L)`` (possible only unchecked) reads neither: its row is the position
+    alone."""
+    is_patch = row_valid & (row >= CLS)
+    rank = tl.load(ids_restore_ptr + image * L + row - CLS, mask=is_patch, other=0)
+    reads_x = (row < CLS) | (is_patch & (rank >= 0) & (rank < K))
     is_masked = is_patch & (rank >= K) & (rank < L)
-    source = tl.where(is_patch & reads_x, rank + 1, 0)
-    return image * (K + 1) + source, reads_x, is_masked
+    source = tl.where(is_patch & reads_x, rank + CLS, 0)
+    return image * (K + CLS) + source, reads_x, is_masked
 
 
 @triton.jit
 def _unshuffle_fwd_kernel(
-    out_ptr,  # [N, 1+L, D] out
-    x_ptr,  # [N, 1+K, D]
+    out_ptr,  # [N, CLS+L, D] out
+    x_ptr,  # [N, CLS+K, D]
     ids_restore_ptr,  # [N, L] int64
     mask_token_ptr,  # [D]
-    pos_ptr,  # [1+L, D]
+    pos_ptr,  # [CLS+L, D]
     L,
     K,
     D,
+    CLS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``."""
-    image, row, row_valid, col, col_valid, tile = row_tile(L + 1, D, BLOCK_T, BLOCK_D)
-    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
+    """Grid ``(N, cdiv(CLS+L, BLOCK_T), cdiv(D, BLOCK_D))``."""
+    image, row, row_valid, col, col_valid, tile = row_tile(L + CLS, D, BLOCK_T, BLOCK_D)
+    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K, CLS)
     store_rows_plus_positions(
         out_ptr,
         x_ptr,
         mask_token_ptr,
         pos_ptr,
-        out_rows=image * (L + 1) + row,
+        out_rows=image * (L + CLS) + row,
         source_rows=x_rows,
         reads_source=reads_x,
         uses_fill=is_masked,
@@ -75,20 +80,21 @@ def _unshuffle_fwd_kernel(
 
 @triton.jit
 def _unshuffle_bwd_kernel(
-    grad_x_ptr,  # [N, 1+K, D] out
-    mask_token_partial_ptr,  # [N, cdiv(1+L, BLOCK_T), D] fp32 out: per-program sums
-    grad_out_ptr,  # [N, 1+L, D]
+    grad_x_ptr,  # [N, CLS+K, D] out
+    mask_token_partial_ptr,  # [N, cdiv(CLS+L, BLOCK_T), D] fp32 out: per-program sums
+    grad_out_ptr,  # [N, CLS+L, D]
     ids_restore_ptr,  # [N, L] int64
     L,
     K,
     D,
+    CLS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(N, cdiv(1+L, BLOCK_T), cdiv(D, BLOCK_D))``, the same tiles as the forward."""
-    image, row, row_valid, col, col_valid, tile = row_tile(L + 1, D, BLOCK_T, BLOCK_D)
-    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K)
-    out_rows = image * (L + 1) + row
+    """Grid ``(N, cdiv(CLS+L, BLOCK_T), cdiv(D, BLOCK_D))``, the same tiles as the forward."""
+    image, row, row_valid, col, col_valid, tile = row_tile(L + CLS, D, BLOCK_T, BLOCK_D)
+    x_rows, reads_x, is_masked = _source_rows(ids_restore_ptr, image, row, row_valid, L, K, CLS)
+    out_rows = image * (L + CLS) + row
     grad = tl.load(grad_out_ptr + out_rows[:, None] * D + col[None, :], mask=tile, other=0.0)
     tl.store(
         grad_x_ptr + x_rows[:, None] * D + col[None, :],
@@ -100,133 +106,146 @@ def _unshuffle_bwd_kernel(
     tl.store(mask_token_partial_ptr + partial_row * D + col, masked_sum, mask=col_valid)
 
 
-def _unshuffle_triton(out, x, ids_restore, mask_token, pos_embed):
-    n, length_plus_one, width = out.shape
+def _unshuffle_triton(out, x, ids_restore, mask_token, pos_embed, cls: int):
+    n, rows, width = out.shape
     launch_row_tiles(
         _unshuffle_fwd_kernel,
         n,
-        length_plus_one,
+        rows,
         width,
         out,
         x.contiguous(),
         ids_restore.contiguous(),
         mask_token.contiguous(),
         pos_embed.contiguous(),
-        length_plus_one - 1,
-        x.shape[1] - 1,
+        rows - cls,
+        x.shape[1] - cls,
         width,
+        CLS=cls,
     )
 
 
-def _unshuffle_backward_triton(grad_x, grad_out, ids_restore):
+def _unshuffle_backward_triton(grad_x, grad_out, ids_restore, cls: int):
     """Writes grad_x; returns mask_token's gradient ``[D]`` in fp32."""
-    n, length_plus_one, width = grad_out.shape
-    grid = row_tile_grid(n, length_plus_one, width)
+    n, rows, width = grad_out.shape
+    grid = row_tile_grid(n, rows, width)
     partial = grad_out.new_empty(n, grid[1], width, dtype=torch.float32)
     launch_row_tiles(
         _unshuffle_bwd_kernel,
         n,
-        length_plus_one,
+        rows,
         width,
         grad_x,
         partial,
         grad_out,
         ids_restore,
-        length_plus_one - 1,
-        grad_x.shape[1] - 1,
+        rows - cls,
+        grad_x.shape[1] - cls,
         width,
+        CLS=cls,
     )
     return partial.sum((0, 1))
 
 
-def _unshuffle_torch(out, x, ids_restore, mask_token, pos_embed):
+def _unshuffle_torch(out, x, ids_restore, mask_token, pos_embed, cls: int):
     # As the kernel: rank < K reads x, K <= rank < L the mask token, anything else zeros.
     n, length = ids_restore.shape
-    keep = x.shape[1] - 1
-    source = torch.cat([torch.zeros_like(ids_restore[:, :1]), ids_restore + 1], dim=1)
-    cls_row = torch.arange(length + 1, device=x.device) == 0
-    reads_x = (cls_row | ((source > 0) & (source <= keep)))[..., None]
-    is_masked = ((source > keep) & (source <= length))[..., None]
+    keep = x.shape[1] - cls
+    source = torch.cat([torch.zeros_like(ids_restore[:, :cls]), ids_restore + cls], dim=1)
+    cls_row = torch.arange(cls + length, device=x.device) < cls
+    reads_x = (cls_row | ((source >= cls) & (source < keep + cls)))[..., None]
+    is_masked = (~cls_row & (source >= keep + cls) & (source < length + cls))[..., None]
     rows = torch.arange(n, device=x.device)[:, None]
     tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out.dtype)
     tokens = torch.where(is_masked, mask_token.to(out.dtype), torch.where(reads_x, tokens, 0))
     torch.add(tokens, pos_embed, out=out)
 
 
-def _unshuffle_backward_torch(grad_x, grad_out, ids_restore):
+def _unshuffle_backward_torch(grad_x, grad_out, ids_restore, cls: int):
     """Writes grad_x; returns mask_token's gradient ``[D]`` in the accumulation dtype."""
-    n, length_plus_one, width = grad_out.shape
-    keep = grad_x.shape[1] - 1
+    n, rows, width = grad_out.shape
+    keep = grad_x.shape[1] - cls
     # Each kept position's gradient goes to its row of x; the others to a spare last row.
     is_kept = (ids_restore >= 0) & (ids_restore < keep)
     target_rows = torch.where(is_kept, ids_restore, keep)[..., None].expand(-1, -1, width)
     grad_kept = grad_out.new_zeros(n, keep + 1, width)
-    grad_kept.scatter_(1, target_rows, grad_out[:, 1:])
-    grad_x[:, :1] = grad_out[:, :1]
-    grad_x[:, 1:] = grad_kept[:, :keep]
-    is_masked = ((ids_restore >= keep) & (ids_restore < length_plus_one - 1))[..., None]
-    grad_rows = grad_out[:, 1:].to(accumulation_dtype(grad_out))
+    grad_kept.scatter_(1, target_rows, grad_out[:, cls:])
+    grad_x[:, :cls] = grad_out[:, :cls]
+    grad_x[:, cls:] = grad_kept[:, :keep]
+    is_masked = ((ids_restore >= keep) & (ids_restore < rows - cls))[..., None]
+    grad_rows = grad_out[:, cls:].to(accumulation_dtype(grad_out))
     return torch.where(is_masked, grad_rows, 0.0).sum((0, 1))
 
 
 @torch.library.custom_op("fastmae::unshuffle", mutates_args=())
 def unshuffle_op(
-    x: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Tensor, use_triton: bool
+    x: Tensor,
+    ids_restore: Tensor,
+    mask_token: Tensor,
+    pos_embed: Tensor,
+    has_cls: bool,
+    use_triton: bool,
 ) -> Tensor:
-    """x ``[N, 1+K, D]``, ids_restore ``[N, L]`` int64, mask_token ``[D]``, pos_embed
-    ``[1+L, D]`` -> ``[N, 1+L, D]`` in the promotion of the three dtypes (as the official
-    ``cat`` and ``+`` give)."""
-    n, length = ids_restore.shape
+    """x ``[N, S+K, D]`` (S = 1 with ``has_cls``, its cls row first), ids_restore ``[N, L]``
+    int64, mask_token ``[D]``, pos_embed ``[S+L, D]`` -> ``[N, S+L, D]`` in the promotion of
+    the three dtypes (as the official ``cat`` and ``+`` give)."""
     out_dtype = promoted_dtype(x, mask_token, pos_embed)
-    out = torch.empty(n, length + 1, x.shape[2], dtype=out_dtype, device=x.device)
+    rows = ids_restore.shape[1] + int(has_cls)
+    out = torch.empty(x.shape[0], rows, x.shape[2], dtype=out_dtype, device=x.device)
     path = _unshuffle_triton if use_triton else _unshuffle_torch
-    path(out, x, ids_restore, mask_token, pos_embed)
+    path(out, x, ids_restore, mask_token, pos_embed, int(has_cls))
     return out
 
 
 @unshuffle_op.register_fake
-def _(x, ids_restore, mask_token, pos_embed, use_triton):
+def _(x, ids_restore, mask_token, pos_embed, has_cls, use_triton):
     out_dtype = promoted_dtype(x, mask_token, pos_embed)
-    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=out_dtype)
+    rows = ids_restore.shape[1] + int(has_cls)
+    return x.new_empty(x.shape[0], rows, x.shape[2], dtype=out_dtype)
 
 
 @torch.library.custom_op("fastmae::unshuffle_backward", mutates_args=())
 def unshuffle_backward_op(
-    grad_out: Tensor, ids_restore: Tensor, keep: int, x_dtype: torch.dtype, use_triton: bool
+    grad_out: Tensor,
+    ids_restore: Tensor,
+    keep: int,
+    x_dtype: torch.dtype,
+    has_cls: bool,
+    use_triton: bool,
 ) -> tuple[Tensor, Tensor]:
-    """-> grad_x ``[N, 1+K, D]`` in ``x_dtype``, and mask_token's gradient ``[D]`` (fp32, or
+    """-> grad_x ``[N, S+K, D]`` in ``x_dtype``, and mask_token's gradient ``[D]`` (fp32, or
     fp64 for fp64 gradients)."""
     grad_out, ids_restore = grad_out.contiguous(), ids_restore.contiguous()
     n, _, width = grad_out.shape
-    grad_x = grad_out.new_empty(n, keep + 1, width, dtype=x_dtype)
+    grad_x = grad_out.new_empty(n, keep + int(has_cls), width, dtype=x_dtype)
     path = _unshuffle_backward_triton if use_triton else _unshuffle_backward_torch
-    return grad_x, path(grad_x, grad_out, ids_restore)
+    return grad_x, path(grad_x, grad_out, ids_restore, int(has_cls))
 
 
 @unshuffle_backward_op.register_fake
-def _(grad_out, ids_restore, keep, x_dtype, use_triton):
+def _(grad_out, ids_restore, keep, x_dtype, has_cls, use_triton):
     n, _, width = grad_out.shape
     return (
-        grad_out.new_empty(n, keep + 1, width, dtype=x_dtype),
+        grad_out.new_empty(n, keep + int(has_cls), width, dtype=x_dtype),
         grad_out.new_empty(width, dtype=torch.float32),
     )
 
 
 @fused_op("fastmae::unshuffle", kernels=[_unshuffle_fwd_kernel])
-def _unshuffle_bytes(x, ids_restore, mask_token, pos_embed, use_triton, outputs):
+def _unshuffle_bytes(x, ids_restore, mask_token, pos_embed, has_cls, use_triton, outputs):
     # Kept rows and the ids read, every row written; mask_token and pos_embed stay in cache.
     return nbytes(x) + nbytes(ids_restore) + nbytes(pos_embed) + nbytes(outputs)
 
 
 @fused_op("fastmae::unshuffle_backward", kernels=[_unshuffle_bwd_kernel])
-def _unshuffle_backward_bytes(grad_out, ids_restore, keep, x_dtype, use_triton, outputs):
+def _unshuffle_backward_bytes(grad_out, ids_restore, *_, outputs):
     return nbytes(grad_out) + nbytes(ids_restore) + sum(nbytes(out) for out in outputs)
 
 
 def _setup_unshuffle(ctx, inputs, output):
-    x, ids_restore, mask_token, pos_embed, ctx.use_triton = inputs
+    x, ids_restore, mask_token, pos_embed, ctx.has_cls, ctx.use_triton = inputs
     ctx.save_for_backward(ids_restore)
-    ctx.keep = x.shape[1] - 1
+    ctx.keep = x.shape[1] - int(ctx.has_cls)
     ctx.dtypes = (x.dtype, mask_token.dtype, pos_embed.dtype)
 
 
@@ -234,12 +253,12 @@ def _backward_unshuffle(ctx, grad_out):
     (ids_restore,) = ctx.saved_tensors
     x_dtype, mask_token_dtype, pos_dtype = ctx.dtypes
     grad_x, grad_mask_token = unshuffle_backward_op(
-        grad_out, ids_restore, ctx.keep, x_dtype, ctx.use_triton
+        grad_out, ids_restore, ctx.keep, x_dtype, ctx.has_cls, ctx.use_triton
     )
     needs = ctx.needs_input_grad
     grad_mask_token = grad_mask_token.to(mask_token_dtype) if needs[2] else None
     grad_pos = grad_out.sum(0).to(pos_dtype) if needs[3] else None
-    return grad_x, None, grad_mask_token, grad_pos, None
+    return grad_x, None, grad_mask_token, grad_pos, None, None
 
 
 unshuffle_op.register_autograd(_backward_unshuffle, setup_context=_setup_unshuffle)

@@ -57,9 +57,12 @@ def op_samples(use_triton: bool):
     pred = torch.randn(n, length, 12, requires_grad=True)
     decoder_out = torch.randn(n, length + 1, 12, requires_grad=True)  # pred as a strided slice
     grad_out = torch.randn(n, length + 1, width)
+    video = torch.randn(n, 3, 4, 4, 12, requires_grad=True)  # 2 x 2 x 6 tubelets of 2 x 2 x 2
+    frames = torch.tensor([0, 3])  # one target frame per temporal index: 2 x 2 x 6 patches
+    video_pred = torch.randn(n, length, 12, requires_grad=True)
     with torch.no_grad():
         _, mean, rstd, residual, _ = loss.masked_pixel_loss_op(
-            imgs, pred, mask, [2, 2], True, False, use_triton
+            imgs, pred, mask, None, [2, 2], True, False, use_triton
         )
     scale = torch.full((1,), 0.01)
     saved = (mean, rstd, residual)
@@ -88,18 +91,42 @@ def op_samples(use_triton: bool):
                 ids_restore,
                 torch.randn(width, requires_grad=True),
                 torch.randn(length + 1, width),
+                True,
             ),
         ),
-        (unshuffle.unshuffle_backward_op, (grad_out, ids_restore, keep, torch.float32)),
-        (loss.masked_pixel_loss_op, (imgs, pred, mask, [2, 2], True, False)),
-        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, [2, 2], False, False)),
+        (unshuffle.unshuffle_backward_op, (grad_out, ids_restore, keep, torch.float32, True)),
+        # The video MAE's forms: no cls row, tubelets, trainable positions, a frame table.
+        (
+            unshuffle.unshuffle_op,
+            (
+                torch.randn(n, keep, width, requires_grad=True),
+                ids_restore,
+                torch.randn(width, requires_grad=True),
+                torch.randn(length, width, requires_grad=True),
+                False,
+            ),
+        ),
+        (
+            patch_embed.add_positions_op,
+            (
+                torch.randn(n, keep, width, requires_grad=True),
+                ids_keep,
+                None,
+                torch.randn(length, width, requires_grad=True),
+            ),
+        ),
+        (patchify.gather_patches_op, (video, ids_keep, [2, 2, 2], False)),
+        (patchify.gather_patches_op, (video, None, [2, 2, 2], True)),
+        (loss.masked_pixel_loss_op, (video, video_pred, mask, frames, [1, 2, 2], True, False)),
+        (loss.masked_pixel_loss_op, (imgs, pred, mask, None, [2, 2], True, False)),
+        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, None, [2, 2], False, False)),
         (
             loss.masked_pixel_loss_op,
-            (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), [2, 2], True, True),
+            (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), None, [2, 2], True, True),
         ),
         (
             loss.masked_pixel_loss_backward_op,
-            (scale, imgs.detach(), pred.detach(), mask, *saved, [2, 2], True, True),
+            (scale, imgs.detach(), pred.detach(), mask, *saved, None, [2, 2], True, True),
         ),
     ]
 

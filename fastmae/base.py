@@ -22,6 +22,21 @@ from fastmae import _checks
 from fastmae.layers import Block, PatchEmbed, sincos_2d
 
 
+def init_linear_and_norm(module, trunc_init: bool = False) -> None:
+    """The official init of one module: a Linear xavier-uniform (mae_st's ``trunc_init``:
+    truncated normal, std 0.02) with a zero bias; a LayerNorm weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        if trunc_init:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.constant_(module.bias, 0)
+        nn.init.constant_(module.weight, 1.0)
+
+
 def draw_noise(batch: int, length: int, device) -> torch.Tensor:
     """The official mask draw, ``torch.rand(N, L)`` on the images' device. No other random
     number is drawn between the patch embedding and it, so a seed gives the official mask."""
@@ -109,13 +124,7 @@ class MaskedAutoencoderBase(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.constant_(module.bias, 0)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.constant_(module.bias, 0)
-            nn.init.constant_(module.weight, 1.0)
+        init_linear_and_norm(module)
 
     # -- input checks, each run once where a public method is entered ---------------------------
 
@@ -188,8 +197,16 @@ VIT_HUGE_PATCH14 = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, *
 OFFICIAL_NORM_LAYER = partial(nn.LayerNorm, eps=1e-6)
 
 
-def make_factories(model_class):
-    """The three official factory functions for ``model_class``, as (base, large, huge)."""
+IMAGE_FACTORIES = {
+    "mae_vit_base_patch16_dec512d8b": VIT_BASE_PATCH16,
+    "mae_vit_large_patch16_dec512d8b": VIT_LARGE_PATCH16,
+    "mae_vit_huge_patch14_dec512d8b": VIT_HUGE_PATCH14,
+}
+
+
+def make_factories(model_class, configs=None):
+    """The official factory functions for ``model_class``, one per ``name: config`` of
+    ``configs`` (default: the image MAE's base, large, huge), in that order."""
     norm_layer = getattr(model_class, "factory_norm_layer", OFFICIAL_NORM_LAYER)
 
     def build(config, name):
@@ -200,8 +217,4 @@ def make_factories(model_class):
         factory.__doc__ = f"MAE {name} with the official hyperparameters; kwargs override."
         return factory
 
-    return (
-        build(VIT_BASE_PATCH16, "mae_vit_base_patch16_dec512d8b"),
-        build(VIT_LARGE_PATCH16, "mae_vit_large_patch16_dec512d8b"),
-        build(VIT_HUGE_PATCH14, "mae_vit_huge_patch14_dec512d8b"),
-    )
+    return tuple(build(config, name) for name, config in (configs or IMAGE_FACTORIES).items())

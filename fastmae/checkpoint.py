@@ -204,17 +204,19 @@ def _fit_position_embedding(key: str, value: torch.Tensor, model) -> torch.Tenso
 
 
 def load_checkpoint(model, source, strict: bool | None = None):
-    """Load MAE weights into ``model`` (fastmae or reference); returns torch's
-    ``(missing_keys, unexpected_keys)``.
+    """Load MAE weights into ``model`` (fastmae or reference, image or video); returns torch's
+    ``(missing_keys, unexpected_keys)``. Video weights are mae_st's ``{'model': state_dict}``.
 
     ``strict=None`` (default) loads a full checkpoint strictly and an encoder-only one (the
     released ``mae_pretrain_vit_*.pth``) with its decoder keys reported as missing; any other
     missing or unexpected key raises. A position embedding trained on another square grid is
-    interpolated (with a warning); any other shape mismatch raises a ValueError naming the key.
+    interpolated (with a warning; image models only); any other shape mismatch raises a
+    ValueError naming the key.
     """
     state = read_checkpoint(source)
     expected = model.state_dict()
-    for key in ("pos_embed", "decoder_pos_embed"):
+    image_model = isinstance(getattr(model.patch_embed, "proj", None), torch.nn.Conv2d)
+    for key in ("pos_embed", "decoder_pos_embed") if image_model else ():
         if key in state and key in expected and state[key].shape != expected[key].shape:
             state[key] = _fit_position_embedding(key, state[key], model)
     for key, value in state.items():

@@ -48,8 +48,49 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
+class PatchEmbed3d(nn.Module):
+    """Video to tubelet tokens, as facebookresearch/mae_st's ``video_vit.PatchEmbed``: a Conv3d
+    of kernel and stride ``(t_patch_size, p, p)``; ``[N, C, T, H, W]`` -> ``[N, T/u, h*w, D]``.
+
+    Its attributes are mae_st's: ``input_size (t, h, w)``, ``img_size``, ``patch_size``,
+    ``frames``, ``t_patch_size``, ``num_patches``, ``grid_size`` (h), ``t_grid_size``.
+    """
+
+    def __init__(
+        self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, frames=32, t_patch_size=4
+    ):
+        super().__init__()
+        self.img_size = to_2tuple(img_size, "img_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        for name, value in (("in_chans", in_chans), ("frames", frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(t_patch_size, bool) or not isinstance(t_patch_size, int) or t_patch_size < 1:
+            raise ValueError(f"t_patch_size must be a positive int, got {t_patch_size!r}")
+        if frames % t_patch_size:
+            raise ValueError(f"num_frames {frames} is not divisible by t_patch_size {t_patch_size}")
+        for side, (size, patch) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
+            if size % patch:
+                raise ValueError(
+                    f"image {side} {size} is not divisible by the patch {side} {patch}"
+                )
+        grid_h, grid_w = (size // patch for size, patch in zip(self.img_size, self.patch_size))
+        self.input_size = (frames // t_patch_size, grid_h, grid_w)
+        self.frames, self.t_patch_size, self.in_chans = frames, t_patch_size, in_chans
+        self.num_patches = self.input_size[0] * grid_h * grid_w
+        self.grid_size = grid_h
+        self.t_grid_size = self.input_size[0]
+        kernel = (t_patch_size, *self.patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[N, C, T, H, W]`` -> tokens ``[N, T/u, h*w, D]``."""
+        return self.proj(x).flatten(3).permute(0, 2, 3, 1)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (qkv bias on), as timm's.
+    """Multi-head self-attention with a fused qkv projection (qkv bias on), as timm's; or, with
+    ``separate_qkv``, three projections ``q``, ``k``, ``v`` as mae_st's video blocks.
 
     ``fused_attn`` (default True) computes softmax(q kᵀ · scale) v with
     ``F.scaled_dot_product_attention``; False spells it out as the official timm 0.3.2 block
@@ -57,7 +98,7 @@ class Attention(nn.Module):
     ``[N, heads, T, T]`` scores. Same function, same parameters; see :func:`set_fused_attn`.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, separate_qkv=False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embedding width {dim} is not divisible by num_heads {num_heads}")
@@ -65,14 +106,24 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = True
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.separate_qkv = separate_qkv
+        if separate_qkv:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.k = nn.Linear(dim, dim, bias=qkv_bias)
+            self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[N, T, D]`` -> ``[N, T, D]``; softmax scale ``head_dim**-0.5``."""
         batch, tokens, width = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.separate_qkv:
+            heads = (batch, tokens, self.num_heads, self.head_dim)
+            q, k, v = (f(x).reshape(heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        else:
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -106,10 +157,18 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm_layer=nn.LayerNorm,
+        qkv_bias: bool = True,
+        separate_qkv: bool = False,
+    ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qkv_bias, separate_qkv)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

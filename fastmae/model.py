@@ -25,20 +25,40 @@ from fastmae import _checks, functional
 from fastmae.base import MaskedAutoencoderBase, draw_noise, make_factories, masking_noise
 
 
-class MaskedAutoencoderViT(MaskedAutoencoderBase):
-    """Drop-in for ``models_mae.MaskedAutoencoderViT``: same constructor, state_dict, outputs,
-    and masks under the same seed; the fused ops underneath."""
+class FusedSteps:
+    """A drop-in's ``forward`` and official methods over its unchecked steps ``_encoder``,
+    ``_decoder``, ``_loss`` (and its checks); shared by the image and the video drop-in."""
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """imgs ``[N, C, H, W]`` -> ``(loss, pred [N, L, p*p*C], mask [N, L])``.
-
-        ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that decides the mask.
-        """
+        """imgs (``[N, C, H, W]``, or ``[N, C, T, H, W]`` for video) -> ``(loss, pred [N, L, P],
+        mask [N, L])``. ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that
+        decides the mask."""
         len_keep = self._check_step(imgs, mask_ratio, noise)
         latent, mask, ids_restore = self._encoder(imgs, len_keep, noise)
         pred = self._decoder(latent, ids_restore)
         loss = self._loss(imgs, pred, mask)
         return loss, pred, mask
+
+    # -- the official methods, for callers that use them one at a time: each checks its inputs.
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """imgs -> latent ``[N, S+K, D]`` (image: cls first; video: no cls), mask, ids_restore."""
+        return self._encoder(imgs, self._check_step(imgs, mask_ratio, noise), noise)
+
+    def forward_decoder(self, x, ids_restore):
+        """latent, ids_restore ``[N, L]`` -> pred ``[N, L, P]``."""
+        self._check_decoder_inputs(x, ids_restore)
+        return self._decoder(x, ids_restore)
+
+    def forward_loss(self, imgs, pred, mask):
+        """imgs, pred ``[N, L, P]``, mask ``[N, L]`` (1 = removed) -> the 0-dim loss."""
+        self._check_loss_inputs(imgs, pred, mask)
+        return self._loss(imgs, pred, mask)
+
+
+class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
+    """Drop-in for ``models_mae.MaskedAutoencoderViT``: same constructor, state_dict, outputs,
+    and masks under the same seed; the fused ops underneath."""
 
     def _encoder(self, imgs, len_keep: int, noise):
         """-> latent ``[N, 1+K, D]``, mask ``[N, L]`` (1 = removed), ids_restore ``[N, L]``."""
@@ -68,21 +88,7 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
         patch_size = self.patch_embed.patch_size
         return functional._masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss)
 
-    # -- the official methods, for callers that use them one at a time: each checks its inputs.
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """imgs ``[N, C, H, W]`` -> latent ``[N, 1+K, D]``, mask and ids_restore ``[N, L]``."""
-        return self._encoder(imgs, self._check_step(imgs, mask_ratio, noise), noise)
-
-    def forward_decoder(self, x, ids_restore):
-        """latent ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, p*p*C]``."""
-        self._check_decoder_inputs(x, ids_restore)
-        return self._decoder(x, ids_restore)
-
-    def forward_loss(self, imgs, pred, mask):
-        """imgs ``[N, C, H, W]``, pred ``[N, L, p*p*C]``, mask ``[N, L]`` (1 = removed) -> 0-dim."""
-        self._check_loss_inputs(imgs, pred, mask)
-        return self._loss(imgs, pred, mask)
+    # -- the official tensor methods ---------------------------------------------------------
 
     def patchify(self, imgs):
         """imgs ``[N, C, H, W]`` (any size the patch divides) -> ``[N, L, p*p*C]``."""
@@ -98,13 +104,19 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
     def random_masking(self, x, mask_ratio, noise=None):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore [N, L])``; L is
         x's, as in the official code, so any token sequence can be masked."""
-        _checks.check_tensor(x, "x")
-        n, length, width = x.shape
-        len_keep = _checks.len_keep(length, mask_ratio)
-        noise = masking_noise(noise, n, length, x.device)
-        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
-        x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
-        return x_masked, mask, ids_restore
+        return random_masking_with_ids(x, mask_ratio, noise)[:3]
+
+
+def random_masking_with_ids(x, mask_ratio, noise=None):
+    """The official ``random_masking`` on the fused masking op, also returning ``ids_keep``
+    (as mae_st's does): x ``[N, L, D]`` -> ``(x_masked, mask, ids_restore, ids_keep)``."""
+    _checks.check_tensor(x, "x")
+    n, length, width = x.shape
+    len_keep = _checks.len_keep(length, mask_ratio)
+    noise = masking_noise(noise, n, length, x.device)
+    ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+    x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
+    return x_masked, mask, ids_restore, ids_keep
 
 
 _base, _large, _huge = make_factories(MaskedAutoencoderViT)

@@ -63,6 +63,11 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     ids_restore ``[N, L]`` int64, with ``K = int(L * (1 - mask_ratio))``. Without ``noise`` this
     draws ``torch.rand(N, L)`` on x's device: the same call, so the same mask per seed.
     """
+    return random_masking_with_ids(x, mask_ratio, noise)[:3]
+
+
+def random_masking_with_ids(x: torch.Tensor, mask_ratio, noise=None):
+    """:func:`random_masking`, also returning ``ids_keep [N, K]`` (as mae_st's does)."""
     n, length, width = x.shape
     keep = _checks.len_keep(length, mask_ratio)
     noise = masking_noise(noise, n, length, x.device)
@@ -73,7 +78,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask = torch.ones([n, length], device=x.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
+    return x_masked, mask, ids_restore, ids_keep
 
 
 def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):

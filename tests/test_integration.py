@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastmae
+import fastmae.video
 from fastmae import reference
 from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
 from fastmae.kernels._triton import FUSED_OPS
@@ -159,13 +160,20 @@ def test_bf16_autocast_on_cpu(backend_name):
         assert rel_err(fused_bf16[3][name], grad) <= limit, name
 
 
-def test_no_host_synchronisation_in_a_step():
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_no_host_synchronisation_in_a_step(kind):
     """No .item(), .nonzero(), .cpu(), bool() or .tolist() on tensors anywhere in a fused
     forward+backward on the Triton path (the torch path selects rows with nonzero on purpose)."""
     if fastmae.dispatch.use_triton(torch.zeros(1)) is False:
         pytest.skip("needs the Triton path: CUDA or TRITON_INTERPRET=1")
-    _, fused = twins()
-    imgs = torch.randn(3, 3, 8, 12)
+    if kind == "image":
+        _, fused = twins()
+        imgs = torch.randn(3, 3, 8, 12)
+    else:
+        video = dict(img_size=8, patch_size=4, num_frames=4, t_patch_size=2, pred_t_dim=2)
+        layout = dict(sep_pos_embed=True, cls_embed=True, norm_pix_loss=True)
+        fused = fastmae.video.MaskedAutoencoderViT(**video, **layout, **TINY)
+        imgs = torch.randn(3, 3, 4, 8, 8)
     names = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"]
     calls = []
     originals = {name: getattr(torch.Tensor, name) for name in names}

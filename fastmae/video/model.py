@@ -1,0 +1,112 @@
+"""The video drop-in: mae_st's ``MaskedAutoencoderViT`` with the image MAE's fused ops in 3-D.
+
+One training step, top to bottom (:meth:`MaskedAutoencoderViT.forward`):
+
+1. check the inputs, once (the fused ops below run unchecked);
+2. encoder: rank the mask noise (no argsort), gather only the K kept tubelets' pixels from the
+   video into the Conv3d GEMM, add their gathered positions (the separable table summed once
+   per step, ``[S+L, D]``) and the optional cls token in one pass; blocks; drop the cls row;
+3. decoder: embed, prepend the decoder cls if any, unshuffle with mask tokens and positions in
+   one pass; blocks, prediction; drop the cls row;
+4. loss: the target pixels of the removed tokens read straight from the ``pred_t_dim``
+   predicted frames of the video: no ``index_select`` copy, no patchified copy.
+
+A custom ``patch_embed`` class (mae_st's constructor argument) is built as mae_st builds it.
+If it is not :class:`fastmae.layers.PatchEmbed3d` (whose Conv3d the fused gather + GEMM
+replaces), the encoder runs the module's own forward on every tubelet and fuses only the
+masking and the position add after it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmae import _checks, functional
+from fastmae.base import draw_noise, make_factories
+from fastmae.layers import PatchEmbed3d
+from fastmae.model import FusedSteps, random_masking_with_ids
+from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
+
+
+class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
+    """Drop-in for mae_st's ``models_mae.MaskedAutoencoderViT``: same constructor, state_dict,
+    outputs and masks under the same seed; the fused ops underneath. ``forward`` and
+    ``forward_encoder/decoder/loss`` are :class:`fastmae.model.FusedSteps`'s (check once, then
+    the steps below); ``forward_encoder`` takes the clip as mae_st names it, ``x``."""
+
+    def _encoder(self, imgs, len_keep: int, noise):
+        """-> latent ``[N, K, D]`` (cls dropped), mask ``[N, L]`` (1 = removed), ids_restore."""
+        n, length = imgs.shape[0], self.patch_embed.num_patches
+        if noise is None:
+            noise = draw_noise(n, length, imgs.device)
+        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+        cls_token = self.cls_token if self.cls_embed else None
+        positions = self.position_table()
+        if type(self.patch_embed) is PatchEmbed3d:
+            proj = self.patch_embed.proj
+            x = functional._embed_visible_patches(
+                imgs, ids_keep, proj.weight, proj.bias, cls_token, positions
+            )
+        else:
+            tokens = self.patch_embed(imgs).reshape(n, length, -1)
+            kept = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[2]))
+            x = functional._add_positions(kept, ids_keep, cls_token, positions)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, int(self.cls_embed) :, :], mask, ids_restore
+
+    def _decoder(self, latent, ids_restore):
+        """-> pred ``[N, L, u'*p*p*C]``, a view that the loss reads without a copy."""
+        x = self.decoder_embed(latent)
+        if self.cls_embed:
+            x = torch.cat([self.decoder_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        positions = self.position_table("decoder_")
+        x = functional._unshuffle_tokens(
+            x, ids_restore, self.mask_token, positions, has_cls=self.cls_embed
+        )
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, int(self.cls_embed) :, :]
+
+    def _loss(self, imgs, pred, mask):
+        """-> the 0-dim loss over the removed tokens, targets read in place from imgs."""
+        patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
+        frames = self.target_frames(imgs.shape[2], imgs.device)
+        return functional._masked_pixel_loss(
+            imgs, pred, mask, patch_size, self.norm_pix_loss, frames=frames
+        )
+
+    # -- mae_st's tensor methods ----------------------------------------------------------------
+
+    def patchify(self, imgs):
+        """imgs ``[N, C, T, H, W]`` -> ``[N, T/u' * h * w, u'*p*p*C]``, pixels ``(u', p, q, c)``."""
+        _checks.check_floating(imgs, "imgs")
+        patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
+        if imgs.dim() != 5 or any(s % p for s, p in zip(imgs.shape[2:], patch_size)):
+            raise ValueError(
+                f"imgs must be [N, C, T, H, W] with T, H, W divisible by {patch_size}, "
+                f"got shape {tuple(imgs.shape)}"
+            )
+        return functional._patchify(imgs, patch_size)
+
+    def unpatchify(self, x):
+        """The inverse of :meth:`patchify` for this model's frame size: ``[N, L, u'*p*p*C]`` ->
+        ``[N, C, T, H, W]`` with ``T = L / (h*w) * u'``."""
+        _checks.check_floating(x, "x")
+        patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
+        spatial = self.input_size[1] * self.input_size[2]
+        pixels = patch_size[0] * patch_size[1] * patch_size[2]
+        if x.dim() != 3 or x.shape[1] % spatial or x.shape[2] % pixels or not x.shape[2]:
+            raise ValueError(f"x must be [N, t*{spatial}, {pixels}*C], got shape {tuple(x.shape)}")
+        grid = (x.shape[1] // spatial, *self.input_size[1:])
+        return functional._unpatchify(x, patch_size, grid)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore, ids_keep)``."""
+        return random_masking_with_ids(x, mask_ratio, noise)
+
+
+_base, _large, _huge = make_factories(MaskedAutoencoderViT, VIDEO_FACTORIES)
+mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14 = _base, _large, _huge

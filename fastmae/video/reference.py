@@ -1,0 +1,127 @@
+"""Pure-PyTorch video MAE, faithful to facebookresearch/mae_st's models_mae.py: the oracle of
+the video tests.
+
+mae_st's op sequence, in its method structure (forward -> forward_encoder, forward_decoder,
+forward_loss). The semantics it pins, and the drop-in keeps:
+- tokens are tubelets of ``t_patch_size x p x p`` pixels, ordered ``(t, h, w)``; the mask
+  draw ``torch.rand(N, L)`` comes right after the patch embedding;
+- the cls token (``cls_embed``) goes first, then the position embedding is added **after**
+  masking, gathered at the kept tokens (separable tables: spatial repeated over time plus
+  temporal repeated over space; the class row in front); the encoder drops its cls row;
+- the decoder appends mask tokens, unshuffles, prepends its own cls token if any, and adds its
+  position embedding; its cls row is dropped from the prediction;
+- the target is the ``pred_t_dim`` frames at ``linspace(0, T-1, pred_t_dim).long()``,
+  patchified ``(u', p, q, c)`` with ``u' = t_patch_size * pred_t_dim // num_frames``; the loss
+  is each token's (normalised: mean, unbiased var + 1e-6) MSE averaged over removed tokens.
+
+Beyond mae_st it takes any ``in_chans`` (mae_st's patchify hard-codes 3), an optional
+``noise [N, L]`` in ``forward`` and ``random_masking``, and ``unpatchify`` reads the video shape
+from ``x`` (mae_st reads it from the last ``patchify`` call). A mask that removes nothing gives
+loss 0 where mae_st gives NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmae.base import make_factories
+from fastmae.reference import random_masking_with_ids
+from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
+
+
+class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
+    """mae_st's ``MaskedAutoencoderViT`` in plain torch: same constructor and state_dict."""
+
+    def patchify(self, imgs):
+        """imgs ``[N, C, T, H, W]`` -> ``[N, T/u' * h * w, u'*p*p*C]``, pixels ``(u', p, q, c)``."""
+        n, c, frames, height, width = imgs.shape
+        p, q = self.patch_embed.patch_size
+        u = self.t_pred_patch_size
+        t, h, w = frames // u, height // p, width // q
+        x = imgs.reshape(n, c, t, u, h, p, w, q)
+        x = torch.einsum("nctuhpwq->nthwupqc", x)
+        return x.reshape(n, t * h * w, u * p * q * c)
+
+    def unpatchify(self, x):
+        """The inverse of :meth:`patchify` for this model's frame size: ``[N, L, u'*p*p*C]`` ->
+        ``[N, C, T, H, W]`` with ``T = L / (h*w) * u'``."""
+        n, length, pixels = x.shape
+        p, q = self.patch_embed.patch_size
+        h, w = self.input_size[1:]
+        u = self.t_pred_patch_size
+        c = pixels // (u * p * q)
+        x = x.reshape(n, length // (h * w), h, w, u, p, q, c)
+        x = torch.einsum("nthwupqc->nctuhpwq", x)
+        return x.reshape(n, c, length // (h * w) * u, h * p, w * q)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore, ids_keep)``."""
+        return random_masking_with_ids(x, mask_ratio, noise)
+
+    def forward_encoder(self, x, mask_ratio, noise=None):
+        """imgs ``[N, C, T, H, W]`` -> latent ``[N, K, D]`` (no cls), mask, ids_restore."""
+        self._check_step(x, mask_ratio, noise)
+        x = self.patch_embed(x)
+        n, t, spatial, width = x.shape
+        x = x.reshape(n, t * spatial, width)
+        x, mask, ids_restore, ids_keep = self.random_masking(x, mask_ratio, noise)
+        if self.cls_embed:
+            x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
+        # The table of every token's position (mae_st sums the separable one the same way),
+        # gathered at the kept tokens; the cls row (pos_embed_class, or row 0) in front.
+        table = self.position_table()
+        start = int(self.cls_embed)
+        pos_embed = table[:, start:, :].expand(n, -1, -1)
+        index = ids_keep.unsqueeze(-1).repeat(1, 1, pos_embed.shape[2])
+        pos_embed = torch.gather(pos_embed, dim=1, index=index)
+        if self.cls_embed:
+            pos_embed = torch.cat([table[:, :1, :].expand(n, -1, -1), pos_embed], 1)
+        x = x + pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, int(self.cls_embed) :, :], mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        """latent ``[N, K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, u'*p*p*C]``."""
+        self._check_decoder_inputs(x, ids_restore)
+        n, length = ids_restore.shape
+        x = self.decoder_embed(x)
+        mask_tokens = self.mask_token.repeat(n, length - x.shape[1], 1)
+        x_ = torch.cat([x, mask_tokens], dim=1)
+        x = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x_.shape[2]))
+        if self.cls_embed:
+            x = torch.cat((self.decoder_cls_token.expand(n, -1, -1), x), dim=1)
+        decoder_pos_embed = self.position_table("decoder_")
+        x = x + decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, int(self.cls_embed) :, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        """imgs ``[N, C, T, H, W]``, pred ``[N, L, u'*p*p*C]``, mask ``[N, L]`` -> 0-dim loss."""
+        self._check_loss_inputs(imgs, pred, mask)
+        frames = self.target_frames(imgs.shape[2], imgs.device)
+        target = self.patchify(torch.index_select(imgs, 2, frames))
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        mask = mask.view(loss.shape)
+        mask_sum = mask.sum()
+        nonzero = mask_sum != 0
+        loss = (loss * mask).sum() / torch.where(nonzero, mask_sum, torch.ones_like(mask_sum))
+        return torch.where(nonzero, loss, torch.zeros_like(loss))
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs ``[N, C, T, H, W]`` -> ``(loss, pred [N, L, u'*p*p*C], mask [N, L])``."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+_base, _large, _huge = make_factories(MaskedAutoencoderViT, VIDEO_FACTORIES)
+mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14 = _base, _large, _huge

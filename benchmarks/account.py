@@ -1,7 +1,10 @@
 """Device-independent accounting of an MAE training step: reference vs fastmae.
 
-    python -m benchmarks.account [--models mae_vit_base_patch16,...] [--batch 8]
-                                 [--dtype bf16|fp32] [--profile h100-sxm]
+    python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16]
+                                 [--batch 8] [--dtype bf16|fp32] [--profile h100-sxm]
+
+A ``video.`` model is mae_st's, at its default clip (16 frames, tubelets of 2, 224 px) and
+mask ratio 0.9; image models run at mask ratio 0.75.
 
 One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` that sees every
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
@@ -30,6 +33,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 import fastmae
+import fastmae.video
 from fastmae import reference
 from fastmae.kernels._triton import FUSED_OPS
 
@@ -214,7 +218,7 @@ def region_hooks(model, accountant: Accountant):
     return handles
 
 
-def account_step(model, imgs, dtype: str, profile: dict) -> Tally:
+def account_step(model, imgs, dtype: str, profile: dict, mask_ratio: float = 0.75) -> Tally:
     """One forward+backward of ``model`` on ``imgs``, counted. Saved tensors that are the
     parameters, autocast's weight copies or the input batch (which the training loop holds
     anyway) cost no activation memory and are left out, for both models alike."""
@@ -240,7 +244,7 @@ def account_step(model, imgs, dtype: str, profile: dict) -> Tally:
         with accountant, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             accountant.region = REGIONS[0]
             with autocast:
-                loss, _, _ = model(imgs, mask_ratio=0.75)
+                loss, _, _ = model(imgs, mask_ratio=mask_ratio)
             accountant.region = "prediction and loss"
             loss.backward()
     finally:
@@ -320,7 +324,8 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     def by_region(table, region):
         return sum(v for (r, _), v in table.items() if r == region)
 
-    out = [f"### {model_name}, batch {batch}, {dtype}: per image (reference -> fastmae)", ""]
+    unit = "clip" if model_name.startswith("video.") else "image"
+    out = [f"### {model_name}, batch {batch}, {dtype}: per {unit} (reference -> fastmae)", ""]
     rows = [
         [region, mb(ref.saved[region] / batch), mb(fused.saved[region] / batch)]
         + [ratio(fused.saved[region], ref.saved[region])]
@@ -331,7 +336,7 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     rows[-1].append(ratio(total_fused, total_ref))
     out.append(
         per_image_table(
-            "**Saved activations** (MB per image; tensors kept for backward, by storage)",
+            f"**Saved activations** (MB per {unit}; tensors kept for backward, by storage)",
             rows,
             ["region", "reference", "fastmae", "ratio"],
         )
@@ -365,7 +370,7 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     out += [
         "",
         per_image_table(
-            "**Traffic and FLOPs by region** (MB read + written, GFLOP, per image)",
+            f"**Traffic and FLOPs by region** (MB read + written, GFLOP, per {unit})",
             rows,
             ["region", "ref MB", "fastmae MB", "ratio", "ref GFLOP", "fastmae GFLOP"],
         ),
@@ -382,7 +387,7 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     out += [
         "",
         per_image_table(
-            "**Traffic by op type** (MB per image)", rows, ["op type", "reference", "fastmae"]
+            f"**Traffic by op type** (MB per {unit})", rows, ["op type", "reference", "fastmae"]
         ),
     ]
     time_ref, time_fused = sum(ref.seconds.values()), sum(fused.seconds.values())
@@ -406,7 +411,7 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     out += [
         "",
         per_image_table(
-            f"**Modelled time** (a model, not a measurement: {assumptions}; us per image)",
+            f"**Modelled time** (a model, not a measurement: {assumptions}; us per {unit})",
             rows,
             ["region", "reference", "fastmae", ""],
         ),
@@ -414,9 +419,18 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     return "\n".join(out)
 
 
-def build(module, model_name: str):
+VIDEO_DEFAULT = dict(num_frames=16, t_patch_size=2, pred_t_dim=8)
+
+
+def build(impl: str, model_name: str):
+    """(model, mask ratio) for ``reference`` or ``fastmae``; ``video.<factory>`` names are
+    mae_st's models at its default clip and ratio 0.9."""
     torch.manual_seed(0)
-    return getattr(module, model_name)()
+    if model_name.startswith("video."):
+        module = fastmae.video if impl == "fastmae" else fastmae.video.reference
+        return getattr(module, model_name.removeprefix("video."))(**VIDEO_DEFAULT), 0.9
+    module = fastmae if impl == "fastmae" else reference
+    return getattr(module, model_name)(), 0.75
 
 
 def main(argv=None) -> str:
@@ -439,13 +453,15 @@ def main(argv=None) -> str:
     sections = []
     for model_name in [m.strip() for m in options.models.split(",") if m.strip()]:
         tallies = {}
-        for impl, module in (("reference", reference), ("fastmae", fastmae)):
-            model = build(module, model_name)
-            size = model.patch_embed.img_size
+        for impl in ("reference", "fastmae"):
+            model, ratio = build(impl, model_name)
+            embed = model.patch_embed
+            frames = (embed.frames,) if model_name.startswith("video.") else ()
             torch.manual_seed(1)
-            imgs = torch.randn(options.batch, model.patch_embed.in_chans, *size)
+            imgs = torch.randn(options.batch, model.patch_embed.in_chans, *frames, *embed.img_size)
+            profile = PROFILES[options.profile]
             with fastmae.use_backend("torch"):
-                tallies[impl] = account_step(model, imgs, options.dtype, PROFILES[options.profile])
+                tallies[impl] = account_step(model, imgs, options.dtype, profile, ratio)
         sections.append(report(model_name, tallies, options.batch, options.dtype, options.profile))
     text = "\n\n".join(sections)
     print(text)

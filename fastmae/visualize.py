@@ -7,6 +7,10 @@
 Without ``--image`` it draws the test card that ships with fastmae; without ``--checkpoint`` it
 runs random weights and says so. In a notebook, :func:`reconstruct` returns the four images.
 
+``--video`` draws a video MAE (mae_st's, :mod:`fastmae.video`) on a generated test clip (a pan
+across the test card) and writes an animated GIF: one animation frame per predicted video
+frame, each the same four columns (:func:`reconstruct_video`, :func:`video_frames`).
+
 Models trained with ``norm_pix_loss`` predict each patch normalised by that patch's own mean
 and variance, which are unknown for a removed patch. We un-normalise every predicted patch with
 the mean and standard deviation of the image's visible pixels (all channels together, one pair
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 import fastmae
+import fastmae.video
 
 # Input normalisation: ImageNet's for RGB (as the MAE training script), its grey average for 1.
 CHANNEL_STATS = {
@@ -78,6 +83,23 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
     and ``mask [N, L]``."""
     model.eval()
     loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    return _pictures(model, imgs, pred, mask, loss)
+
+
+@torch.no_grad()
+def reconstruct_video(model, clips: torch.Tensor, mask_ratio: float = 0.9, noise=None) -> dict:
+    """Run a video MAE on normalised ``clips [N, C, T, H, W]``; returns what
+    :func:`reconstruct` does, each ``[N, C, P, H, W]`` at the ``P = pred_t_dim`` frames the
+    model predicts (``frames``, their indices in the clip)."""
+    model.eval()
+    loss, pred, mask = model(clips, mask_ratio=mask_ratio, noise=noise)
+    frames = model.target_frames(clips.shape[2], clips.device)
+    result = _pictures(model, clips.index_select(2, frames), pred, mask, loss)
+    return dict(result, frames=frames)
+
+
+def _pictures(model, imgs, pred, mask, loss) -> dict:
+    """The four pictures from a prediction of the patches of ``imgs``."""
     pred = pred.float()
     if model.norm_pix_loss:
         visible = (1 - mask)[..., None].expand_as(pred)
@@ -96,6 +118,21 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
         loss=loss,
         mask=mask,
     )
+
+
+def video_frames(result: dict) -> list:
+    """:func:`reconstruct_video`'s result -> one :func:`grid_image` per predicted frame."""
+    pictures = ("original", "masked", "reconstruction", "pasted")
+    count = result["original"].shape[2]
+    return [grid_image({k: result[k][:, :, j] for k in pictures}) for j in range(count)]
+
+
+def test_clip(img_size, frames: int, in_chans: int) -> torch.Tensor:
+    """A generated clip ``[C, T, H, W]``, normalised: the test card panning right, one
+    ``W / T`` step a frame."""
+    card = load_image(TEST_CARD, img_size, in_chans)
+    step = max(1, card.shape[-1] // frames)
+    return torch.stack([torch.roll(card, j * step, dims=-1) for j in range(frames)], dim=1)
 
 
 def grid_image(result: dict):
@@ -117,15 +154,23 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="mae_vit_base_patch16", help="fastmae factory name")
     parser.add_argument("--checkpoint", help="weights: official .pth, Hugging Face file or folder")
     parser.add_argument("--image", nargs="+", help="image files (default: the bundled test card)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--mask-ratio", type=float, help="default 0.75 (0.9 with --video)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    parser.add_argument("--out", default="mae_reconstruction.png", help="PNG file to write")
+    parser.add_argument(
+        "--out", help="file to write (mae_reconstruction.png, or .gif with --video)"
+    )
     parser.add_argument("--in-chans", type=int, default=3, help="1 or 3")
     parser.add_argument("--img-size", type=int, nargs="+", help="H [W] if not the model's 224")
     parser.add_argument("--norm-pix-loss", action="store_true", help="model trained on norm-pix")
+    video_options = parser.add_argument_group("video (mae_st models, fastmae.video)")
+    video_options.add_argument("--video", action="store_true", help="a video MAE on a test clip")
+    video_options.add_argument("--num-frames", type=int, default=16)
+    video_options.add_argument("--t-patch-size", type=int, default=2)
+    video_options.add_argument("--pred-t-dim", type=int, default=8)
     args = parser.parse_args(argv)
 
-    factory = getattr(fastmae, args.model, None)
+    models = fastmae.video if args.video else fastmae
+    factory = getattr(models, args.model, None)
     if not callable(factory) or not args.model.startswith("mae_vit_"):
         parser.error(
             f"--model must be a fastmae factory, e.g. mae_vit_base_patch16; got {args.model}"
@@ -133,6 +178,10 @@ def main(argv=None) -> int:
     extra = {}
     if args.img_size:
         extra["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    if args.video:
+        extra.update(
+            num_frames=args.num_frames, t_patch_size=args.t_patch_size, pred_t_dim=args.pred_t_dim
+        )
     model = factory(in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss, **extra)
     if args.checkpoint:
         fastmae.load_checkpoint(model, args.checkpoint)
@@ -142,11 +191,21 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
     size = model.patch_embed.img_size
-    imgs = torch.stack([load_image(p, size, args.in_chans) for p in (args.image or [TEST_CARD])])
     torch.manual_seed(args.seed)
-    result = reconstruct(model, imgs, args.mask_ratio)
-    grid_image(result).save(args.out, format="PNG")
-    print(f"wrote {args.out}: {imgs.shape[0]} image(s), loss {result['loss'].item():.4f}")
+    if args.video:
+        out = args.out or "mae_reconstruction.gif"
+        clip = test_clip(size, model.patch_embed.frames, args.in_chans)[None]
+        result = reconstruct_video(model, clip, 0.9 if args.mask_ratio is None else args.mask_ratio)
+        first, *rest = video_frames(result)
+        first.save(out, format="GIF", save_all=True, append_images=rest, duration=250, loop=0)
+        count = 1 + len(rest)
+        print(f"wrote {out}: {count} frames of a test clip, loss {result['loss'].item():.4f}")
+        return 0
+    out = args.out or "mae_reconstruction.png"
+    imgs = torch.stack([load_image(p, size, args.in_chans) for p in (args.image or [TEST_CARD])])
+    result = reconstruct(model, imgs, 0.75 if args.mask_ratio is None else args.mask_ratio)
+    grid_image(result).save(out, format="PNG")
+    print(f"wrote {out}: {imgs.shape[0]} image(s), loss {result['loss'].item():.4f}")
     return 0
 
 

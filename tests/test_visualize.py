@@ -81,3 +81,60 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix):
     removed = model.unpatchify(result["mask"][..., None].expand_as(patches).contiguous())
     assert torch.equal(result["masked"], imgs * (1 - removed))
     assert 0 < removed.mean() < 1
+
+
+def test_cli_writes_an_animated_gif_for_a_video_model(tmp_path, capsys):
+    out = tmp_path / "clip.gif"
+    args = ["--video", "--img-size", "32", "--num-frames", "8", "--pred-t-dim", "4"]
+    assert visualize.main([*args, "--out", str(out), "--seed", "1"]) == 0
+    assert "random weights" in capsys.readouterr().err
+    with Image.open(out) as animation:
+        assert animation.format == "GIF" and animation.n_frames == 4  # one per predicted frame
+        assert animation.size == (4 * 32, 32)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_perfect_video_prediction_reconstructs_the_predicted_frames(norm_pix):
+    from fastmae import video
+
+    model = video.MaskedAutoencoderViT(
+        img_size=8,
+        patch_size=4,
+        num_frames=4,
+        t_patch_size=2,
+        pred_t_dim=4,
+        **TINY,
+        norm_pix_loss=norm_pix,
+    )
+    clip = torch.randn(2, 3, 4, 8, 8)
+    frames = model.target_frames(4, clip.device)
+    patches = model.patchify(clip.index_select(2, frames))
+    holder = {}
+    encoder = model._encoder
+
+    def encode(*args):
+        latent, mask, ids_restore = encoder(*args)
+        holder["mask"] = mask
+        return latent, mask, ids_restore
+
+    def perfect(latent, ids_restore):
+        if not norm_pix:
+            return patches
+        visible = (1 - holder["mask"])[..., None].expand_as(patches)
+        count = visible.sum((1, 2))
+        mean = (patches * visible).sum((1, 2)) / count
+        var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
+        return (patches - mean[:, None, None]) / (var + 1e-6).sqrt()[:, None, None]
+
+    model._encoder, model._decoder = encode, perfect
+    result = visualize.reconstruct_video(model, clip, mask_ratio=0.5)
+    target = clip.index_select(2, frames)
+    assert torch.equal(result["frames"], frames) and result["original"].shape == (2, 3, 4, 8, 8)
+    assert torch.allclose(result["reconstruction"], target, atol=1e-5)
+    assert len(visualize.video_frames(result)) == 4
+
+
+def test_test_clip_pans_the_card():
+    clip = visualize.test_clip((16, 32), frames=4, in_chans=3)
+    assert clip.shape == (3, 4, 16, 32)
+    assert torch.equal(clip[:, 1], torch.roll(clip[:, 0], 8, dims=-1))

@@ -13,7 +13,7 @@ import fastmae  # noqa: E402
 import fastmae.hf  # noqa: E402
 from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
 from fastmae.kernels._triton import fused_kernel_names  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import assert_tensors_match, rel_err  # noqa: E402
 
 TINY_HF = dict(
     image_size=32,
@@ -50,22 +50,13 @@ def run(model, pixel_values, noise=None, seed=0, **kwargs):
     return out, grads
 
 
-def close(actual, expected, rtol=1e-5, atol=1e-9) -> bool:
-    """Relative error at most rtol, with an absolute floor: the attention key bias's gradient
-    is zero in exact arithmetic (softmax ignores a shift shared by all keys), so both models
-    give rounding noise of about 1e-13 there."""
-    error = (actual.double() - expected.double()).norm().item()
-    return error <= rtol * expected.double().norm().item() + atol
-
-
 def assert_same(fused_out, hf_out, fused_grads, hf_grads):
     assert torch.equal(fused_out.mask, hf_out.mask)
     assert torch.equal(fused_out.ids_restore, hf_out.ids_restore)
     assert rel_err(fused_out.loss, hf_out.loss) <= 1e-5
     assert rel_err(fused_out.logits, hf_out.logits) <= 1e-5
-    assert fused_grads.keys() == hf_grads.keys() and "vit.embeddings.cls_token" in hf_grads
-    for name, grad in hf_grads.items():
-        assert close(fused_grads[name], grad), name
+    assert "vit.embeddings.cls_token" in hf_grads
+    assert_tensors_match(fused_grads, hf_grads)
 
 
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
@@ -246,7 +237,10 @@ def train_two_steps(model, output_dir):
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
         max_steps=2,
-        learning_rate=1e-3,
+        learning_rate=1e-2,
+        # SGD, not AdamW: Adam turns the attention key bias's rounding-noise gradient (zero in
+        # exact arithmetic) into steps of up to the learning rate, which would compare noise.
+        optim="sgd",
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -282,8 +276,6 @@ def test_trainer_two_steps_match_unpatched(backend, tmp_path):
     assert len(fused_losses) == len(hf_losses) == 2
     assert fused_losses == pytest.approx(hf_losses, rel=1e-5)
     assert rel_err(torch.tensor(fused_loss), torch.tensor(hf_loss)) <= 1e-5
-    # Adam turns the key bias's rounding-noise gradient (~1e-13) into steps of about
-    # lr * noise / eps ~ 1e-8 on a zero parameter: an absolute floor above that.
-    for name, param in hf_params.items():
-        assert close(fused_params[name], param, atol=1e-6), name
+    # The key biases start at 0 and SGD moves them by lr x rounding noise: negligible.
+    assert_tensors_match(fused_params, hf_params)
     assert (counts.get("_masked_loss_bwd_kernel", 0) == 2) == (backend == "triton")

@@ -37,3 +37,13 @@ def assert_tensors_match(actual: dict, expected: dict, rtol: float = 1e-5) -> No
             assert value.norm() < 1e-6 and actual[name].norm() < 1e-6, name
         else:
             assert rel_err(actual[name], value) <= rtol, name
+
+
+def run_step(model, imgs, ratio, seed):
+    """One forward+backward under ``seed`` -> (loss, pred, mask, {name: gradient})."""
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss, pred, mask = model(imgs, mask_ratio=ratio)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, pred, mask, grads

@@ -11,7 +11,7 @@ from fastmae import _checks, reference
 from fastmae.base import make_factories
 from fastmae.kernels import launch_counts
 from fastmae.kernels._triton import fused_kernel_names
-from tests.helpers import TINY, rel_err
+from tests.helpers import TINY, rel_err, run_step
 
 CONFIGS = {
     "rgb-square": dict(img_size=8, patch_size=2, in_chans=3),
@@ -27,15 +27,6 @@ def twin_models(norm_pix=False, **config):
     return ref, fused
 
 
-def run(model, imgs, ratio, seed):
-    torch.manual_seed(seed)
-    model.zero_grad()
-    loss, pred, mask = model(imgs, mask_ratio=ratio)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss, pred, mask, grads
-
-
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -43,8 +34,8 @@ def test_drop_in_matches_reference(backend, config, ratio, norm_pix, fresh_seed)
     ref, fused = twin_models(norm_pix, **CONFIGS[config])
     size = ref.patch_embed.img_size
     imgs = torch.randn(3, ref.patch_embed.in_chans, *size)
-    ref_out = run(ref, imgs, ratio, fresh_seed)
-    fused_out = run(fused, imgs, ratio, fresh_seed)
+    ref_out = run_step(ref, imgs, ratio, fresh_seed)
+    fused_out = run_step(fused, imgs, ratio, fresh_seed)
     assert torch.equal(ref_out[2], fused_out[2])
     assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
     assert rel_err(fused_out[1], ref_out[1]) <= 1e-5
@@ -61,7 +52,10 @@ def test_drop_in_matches_reference(backend, config, ratio, norm_pix, fresh_seed)
 def test_truncated_len_keep_matches_reference(backend, fresh_seed):
     ref, fused = twin_models(**dict(img_size=20, patch_size=2, in_chans=1))
     imgs = torch.randn(2, 1, 20, 20)
-    ref_out, fused_out = run(ref, imgs, 0.8, fresh_seed), run(fused, imgs, 0.8, fresh_seed)
+    ref_out, fused_out = (
+        run_step(ref, imgs, 0.8, fresh_seed),
+        run_step(fused, imgs, 0.8, fresh_seed),
+    )
     assert torch.equal(ref_out[2], fused_out[2]) and fused_out[2].sum().item() == 2 * 81
     assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
     for name, grad in ref_out[3].items():
@@ -71,8 +65,8 @@ def test_truncated_len_keep_matches_reference(backend, fresh_seed):
 def test_gradients_are_bit_identical_between_runs(backend, fresh_seed):
     _, fused = twin_models(norm_pix=True, **CONFIGS["rgb-square"])
     imgs = torch.randn(5, 3, 8, 8)
-    first = run(fused, imgs, 0.75, fresh_seed)
-    second = run(fused, imgs, 0.75, fresh_seed)
+    first = run_step(fused, imgs, 0.75, fresh_seed)
+    second = run_step(fused, imgs, 0.75, fresh_seed)
     assert torch.equal(first[0], second[0])
     for name, grad in first[3].items():
         assert torch.equal(grad, second[3][name]), name
@@ -124,7 +118,10 @@ def test_no_kept_patch_at_all(backend, fresh_seed):
     # L = 4 with ratio 0.9 keeps int(0.4) = 0 patches: the encoder sees the cls token alone.
     ref, fused = twin_models(**dict(img_size=4, patch_size=2, in_chans=3))
     imgs = torch.randn(3, 3, 4, 4)
-    ref_out, fused_out = run(ref, imgs, 0.9, fresh_seed), run(fused, imgs, 0.9, fresh_seed)
+    ref_out, fused_out = (
+        run_step(ref, imgs, 0.9, fresh_seed),
+        run_step(fused, imgs, 0.9, fresh_seed),
+    )
     assert torch.equal(fused_out[2], torch.ones(3, 4)) and torch.equal(ref_out[2], fused_out[2])
     assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
     for name, grad in ref_out[3].items():

@@ -13,7 +13,7 @@ from fastmae.kernels import launch_counts
 from fastmae.kernels._triton import fused_kernel_names
 from fastmae.layers import PatchEmbed3d
 from fastmae.video import reference
-from tests.helpers import assert_tensors_match, rel_err
+from tests.helpers import assert_tensors_match, rel_err, run_step
 
 TINY_VIDEO = dict(
     embed_dim=16,
@@ -51,15 +51,6 @@ def clip(model, batch=3):
     return torch.randn(batch, model.in_chans, embed.frames, *embed.img_size)
 
 
-def run(model, imgs, ratio, seed):
-    torch.manual_seed(seed)
-    model.zero_grad()
-    loss, pred, mask = model(imgs, mask_ratio=ratio)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss, pred, mask, grads
-
-
 def assert_same(fused_out, ref_out):
     assert torch.equal(fused_out[2], ref_out[2])
     assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
@@ -75,7 +66,7 @@ def test_drop_in_matches_reference(backend, sep, cls, norm_pix, fresh_seed):
     for a, b in zip(ref.state_dict().items(), fused.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]  # same keys, order, init
     imgs = clip(ref, batch=3)
-    assert_same(run(fused, imgs, 0.75, fresh_seed), run(ref, imgs, 0.75, fresh_seed))
+    assert_same(run_step(fused, imgs, 0.75, fresh_seed), run_step(ref, imgs, 0.75, fresh_seed))
     if backend == "triton":
         assert fused_kernel_names() <= set(launch_counts())
     else:
@@ -87,7 +78,7 @@ def test_drop_in_matches_reference(backend, sep, cls, norm_pix, fresh_seed):
 def test_other_shapes_match_reference(backend, shape, sep, cls, fresh_seed):
     ref, fused = twins(shape, sep, cls, norm_pix=True)
     imgs = clip(ref, batch=5)
-    assert_same(run(fused, imgs, 0.9, fresh_seed), run(ref, imgs, 0.9, fresh_seed))
+    assert_same(run_step(fused, imgs, 0.9, fresh_seed), run_step(ref, imgs, 0.9, fresh_seed))
 
 
 def test_explicit_noise_and_trunc_init(backend):
@@ -172,7 +163,7 @@ def test_custom_patch_embed_class_runs_its_own_forward(backend, fresh_seed):
 
     ref, fused = twins("rgb", True, False, patch_embed=CountingPatchEmbed)
     imgs = clip(ref, 3)
-    assert_same(run(fused, imgs, 0.75, fresh_seed), run(ref, imgs, 0.75, fresh_seed))
+    assert_same(run_step(fused, imgs, 0.75, fresh_seed), run_step(ref, imgs, 0.75, fresh_seed))
     assert len(calls) == 2  # once in each model
 
 

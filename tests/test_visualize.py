@@ -49,6 +49,18 @@ def test_cli_default_image_and_checkpoint(tmp_path, capsys):
         assert picture.size == (4 * 32, 32)
 
 
+def perfect_prediction(patches, mask, norm_pix):
+    """The prediction a perfect model makes; with norm_pix, normalised with the visible
+    pixels' image-level statistics (the documented choice of the picture)."""
+    if not norm_pix:
+        return patches
+    visible = (1 - mask)[..., None].expand_as(patches)
+    count = visible.sum((1, 2))
+    mean = (patches * visible).sum((1, 2)) / count
+    var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
+    return (patches - mean[:, None, None]) / (var + 1e-6).sqrt()[:, None, None]
+
+
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_perfect_prediction_reconstructs_the_image(norm_pix):
     model = fastmae.MaskedAutoencoderViT(img_size=8, patch_size=2, norm_pix_loss=norm_pix, **TINY)
@@ -57,14 +69,7 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix):
     mask_holder = {}
 
     def perfect(latent, ids_restore):
-        if not norm_pix:
-            return patches
-        # Normalised with the visible pixels' image-level statistics, the documented choice.
-        visible = (1 - mask_holder["mask"])[..., None].expand_as(patches)
-        count = visible.sum((1, 2))
-        mean = (patches * visible).sum((1, 2)) / count
-        var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
-        return (patches - mean[:, None, None]) / (var + 1e-6).sqrt()[:, None, None]
+        return perfect_prediction(patches, mask_holder["mask"], norm_pix)
 
     encoder = model._encoder
 
@@ -118,13 +123,7 @@ def test_perfect_video_prediction_reconstructs_the_predicted_frames(norm_pix):
         return latent, mask, ids_restore
 
     def perfect(latent, ids_restore):
-        if not norm_pix:
-            return patches
-        visible = (1 - holder["mask"])[..., None].expand_as(patches)
-        count = visible.sum((1, 2))
-        mean = (patches * visible).sum((1, 2)) / count
-        var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
-        return (patches - mean[:, None, None]) / (var + 1e-6).sqrt()[:, None, None]
+        return perfect_prediction(patches, holder["mask"], norm_pix)
 
     model._encoder, model._decoder = encode, perfect
     result = visualize.reconstruct_video(model, clip, mask_ratio=0.5)

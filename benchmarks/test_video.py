@@ -2,10 +2,11 @@
 
 On a GPU the step is mae_st's ViT-L default (224 px, 16 frames, tubelets of 2, 8 target
 frames, mask ratio 0.9); on the CPU the same layout with a ViT-B of 2 + 1 blocks on 8 frames of
-112 px, so that the whole benchmark suite stays under 2 minutes there. The op groups run the ViT-L default's sizes (batch 1 on
-the CPU): the encoder input (masking, kept-tubelet embedding, positions), the decoder unshuffle
-and the loss over the 8 target frames, each forward+backward, rated by the bytes the fastmae
-step moves (:func:`benchmarks.account.count_bytes`).
+112 px, so that the whole benchmark suite stays under 2 minutes there. The op groups run the
+ViT-L default's sizes (batch 1 on the CPU): the encoder input (masking, kept-tubelet
+embedding, positions), the decoder unshuffle and the loss over the 8 target frames, each
+forward+backward, rated by the bytes the fastmae step moves
+(:func:`benchmarks.account.count_bytes`).
 """
 
 from __future__ import annotations

@@ -136,9 +136,14 @@ def check_loss_inputs(imgs, pred, mask, patch_size: tuple[int, int]) -> None:
     n, c, height, width = imgs.shape
     check_divisible(height, width, patch_size)
     length = (height // patch_size[0]) * (width // patch_size[1])
+    check_pred_and_mask(pred, mask, imgs, length, patch_size[0] * patch_size[1] * c)
+
+
+def check_pred_and_mask(pred, mask, imgs, length: int, pixels: int) -> None:
+    """pred floating ``[N, length, pixels]`` and mask ``[N, length]``, on imgs' device."""
     check_floating(pred, "pred")
-    check_shape(pred, "pred", (n, length, patch_size[0] * patch_size[1] * c))
-    check_shape(mask, "mask", (n, length))
+    check_shape(pred, "pred", (imgs.shape[0], length, pixels))
+    check_shape(mask, "mask", (imgs.shape[0], length))
     for name, tensor in (("pred", pred), ("mask", mask)):
         if tensor.device != imgs.device:
             raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")

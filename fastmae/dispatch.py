@@ -61,8 +61,10 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the fused op on ``tensors`` (the first decides the device) runs Triton kernels."""
+def use_triton(*tensors) -> bool:
+    """Whether the fused op on ``tensors`` (the first decides the device; None, an absent
+    optional input, is skipped) runs Triton kernels."""
+    tensors = [t for t in tensors if t is not None]
     device = tensors[0].device
     runnable = HAS_TRITON and (
         device.type == "cuda"

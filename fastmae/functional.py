@@ -20,6 +20,8 @@ kept row once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastmae import _checks
@@ -97,8 +99,7 @@ def embed_visible_patches(
 
 def _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     """Also for videos ``[N, C, T, H, W]`` with a Conv3d weight, and without a cls token."""
-    tables = [t for t in (cls_token, pos_embed) if t is not None]
-    triton_path = use_triton(imgs, weight, bias, *tables)
+    triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
     return _embed_kept_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
     )
@@ -108,10 +109,9 @@ def _add_positions(tokens, ids_keep, cls_token, pos_embed):
     """Embedded kept tokens ``[N, K, D]`` -> ``[N, S+K, D]``: the cls token (if not None) +
     ``pos_embed[0]`` first, then each token + its position ``pos_embed[S + ids_keep]``."""
     width = tokens.shape[2]
-    tables = [t for t in (cls_token, pos_embed) if t is not None]
+    triton_path = use_triton(tokens, cls_token, pos_embed)
     cls_token = None if cls_token is None else cls_token.reshape(width)
     pos_embed = pos_embed.reshape(-1, width)
-    triton_path = use_triton(tokens, *tables)
     return add_positions_op(tokens, ids_keep.long(), cls_token, pos_embed, triton_path)
 
 
@@ -168,11 +168,8 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
 
 def _unpatchify(x, patch_size, grid_size):
     """Also for videos: patch ``(u, ph, pw)`` and grid ``(t, h, w)``."""
-    pixels = 1
-    for side in patch_size:
-        pixels *= side
     sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
-    image_shape = [x.shape[0], x.shape[2] // pixels, *sizes]
+    image_shape = [x.shape[0], x.shape[2] // math.prod(patch_size), *sizes]
     return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
 
 

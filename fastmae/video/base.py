@@ -4,6 +4,8 @@ the initial weights are mae_st's), the input checks, and the position tables."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -65,8 +67,8 @@ class VideoMaskedAutoencoderBase(nn.Module):
             ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        patch_pixels = self.t_pred_patch_size * patch_size_of(self)[0] * patch_size_of(self)[1]
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_pixels * in_chans, bias=True)
+        patch_pixels = self.t_pred_patch_size * math.prod(self.patch_embed.patch_size) * in_chans
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_pixels, bias=True)
         self.in_chans = in_chans
         self.initialize_weights()
 
@@ -171,17 +173,8 @@ class VideoMaskedAutoencoderBase(nn.Module):
 
     def _check_loss_inputs(self, imgs, pred, mask):
         self._check_videos(imgs)
-        n, length = imgs.shape[0], self.patch_embed.num_patches
-        _checks.check_floating(pred, "pred")
-        _checks.check_shape(pred, "pred", (n, length, self.decoder_pred.out_features))
-        _checks.check_shape(mask, "mask", (n, length))
-        for name, tensor in (("pred", pred), ("mask", mask)):
-            if tensor.device != imgs.device:
-                raise ValueError(f"{name} is on {tensor.device}, imgs on {imgs.device}")
-
-
-def patch_size_of(model) -> tuple[int, int]:
-    return tuple(model.patch_embed.patch_size)
+        length, pixels = self.patch_embed.num_patches, self.decoder_pred.out_features
+        _checks.check_pred_and_mask(pred, mask, imgs, length, pixels)
 
 
 def _check_pred_t_dim(num_frames, t_patch_size, pred_t_dim) -> None:

@@ -19,6 +19,8 @@ masking and the position add after it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastmae import _checks, functional
@@ -97,7 +99,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         _checks.check_floating(x, "x")
         patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
         spatial = self.input_size[1] * self.input_size[2]
-        pixels = patch_size[0] * patch_size[1] * patch_size[2]
+        pixels = math.prod(patch_size)
         if x.dim() != 3 or x.shape[1] % spatial or x.shape[2] % pixels or not x.shape[2]:
             raise ValueError(f"x must be [N, t*{spatial}, {pixels}*C], got shape {tuple(x.shape)}")
         grid = (x.shape[1] // spatial, *self.input_size[1:])

@@ -20,6 +20,8 @@ TINY = dict(
     decoder_num_heads=2,
     mlp_ratio=2.0,
 )
+# A tiny clip for the video MAE: 4 frames of 8 x 8, tubelets of 2 x 4 x 4 (8 tokens).
+TINY_CLIP = dict(img_size=8, patch_size=4, num_frames=4, t_patch_size=2, pred_t_dim=2)
 
 
 # Attention key biases: softmax ignores a shift shared by all keys, so their gradient is zero

@@ -14,7 +14,7 @@ import fastmae.video
 from fastmae import reference
 from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
 from fastmae.kernels._triton import FUSED_OPS
-from tests.helpers import TINY, rel_err
+from tests.helpers import TINY, TINY_CLIP, rel_err
 
 CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
 
@@ -170,9 +170,8 @@ def test_no_host_synchronisation_in_a_step(kind):
         _, fused = twins()
         imgs = torch.randn(3, 3, 8, 12)
     else:
-        video = dict(img_size=8, patch_size=4, num_frames=4, t_patch_size=2, pred_t_dim=2)
         layout = dict(sep_pos_embed=True, cls_embed=True, norm_pix_loss=True)
-        fused = fastmae.video.MaskedAutoencoderViT(**video, **layout, **TINY)
+        fused = fastmae.video.MaskedAutoencoderViT(**TINY_CLIP, **layout, **TINY)
         imgs = torch.randn(3, 3, 4, 8, 8)
     names = ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"]
     calls = []

@@ -13,7 +13,7 @@ from fastmae.kernels import launch_counts
 from fastmae.kernels._triton import fused_kernel_names
 from fastmae.layers import PatchEmbed3d
 from fastmae.video import reference
-from tests.helpers import assert_tensors_match, rel_err, run_step
+from tests.helpers import TINY_CLIP, assert_tensors_match, rel_err, run_step
 
 TINY_VIDEO = dict(
     embed_dim=16,
@@ -26,7 +26,7 @@ TINY_VIDEO = dict(
 )
 SHAPES = {
     # img_size, patch, in_chans, num_frames, t_patch_size, pred_t_dim
-    "rgb": dict(img_size=8, patch_size=4, in_chans=3, num_frames=4, t_patch_size=2, pred_t_dim=2),
+    "rgb": dict(TINY_CLIP, in_chans=3),
     "gray-nonsquare-u2": dict(
         img_size=(8, 12), patch_size=4, in_chans=1, num_frames=8, t_patch_size=2, pred_t_dim=8
     ),

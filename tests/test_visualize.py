@@ -5,7 +5,7 @@ import torch
 
 import fastmae
 from fastmae import visualize
-from tests.helpers import TINY
+from tests.helpers import TINY, TINY_CLIP
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -102,15 +102,8 @@ def test_cli_writes_an_animated_gif_for_a_video_model(tmp_path, capsys):
 def test_perfect_video_prediction_reconstructs_the_predicted_frames(norm_pix):
     from fastmae import video
 
-    model = video.MaskedAutoencoderViT(
-        img_size=8,
-        patch_size=4,
-        num_frames=4,
-        t_patch_size=2,
-        pred_t_dim=4,
-        **TINY,
-        norm_pix_loss=norm_pix,
-    )
+    config = dict(TINY_CLIP, pred_t_dim=4)  # every frame is a target
+    model = video.MaskedAutoencoderViT(**config, **TINY, norm_pix_loss=norm_pix)
     clip = torch.randn(2, 3, 4, 8, 8)
     frames = model.target_frames(4, clip.device)
     patches = model.patchify(clip.index_select(2, frames))

@@ -14,13 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.account import count_bytes
+from benchmarks.account import VIDEO_DEFAULT, VIDEO_RATIO, count_bytes
 from benchmarks.conftest import GPU
 from fastmae import video
 from fastmae.video import reference
 
-VIDEO_DEFAULT = dict(num_frames=16, t_patch_size=2, pred_t_dim=8)
-RATIO = 0.9
+RATIO = VIDEO_RATIO
 LENGTH = 16 // 2 * 14 * 14  # tubelets of the ViT-L default
 KEEP = int(LENGTH * (1 - RATIO))
 WIDTH, PIXELS = 1024, 1 * 16 * 16 * 3  # encoder width; target pixels per tubelet (u' = 1)

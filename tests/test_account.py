@@ -9,7 +9,7 @@ from benchmarks import account
 from fastmae import reference
 from fastmae.kernels import loss
 from fastmae.kernels._triton import FUSED_OPS
-from tests.helpers import TINY
+from tests.helpers import TINY, TINY_CLIP
 
 CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
 
@@ -43,6 +43,7 @@ def test_accounting_is_deterministic_and_shows_the_fused_regions():
         assert region_bytes(fused, region) < region_bytes(ref, region), region
     for region in ("encoder blocks", "decoder blocks"):  # the blocks are the same code
         assert region_bytes(fused, region) == region_bytes(ref, region), region
+        assert fused.saved[region] == ref.saved[region], region
     assert any(kind == "fastmae fused op" for _, kind in fused.bytes)
     assert sum(fused.saved.values()) < sum(ref.saved.values())
     text = account.report("tiny", first, 4, "fp32", "h100-sxm")
@@ -74,17 +75,7 @@ def test_video_step_accounting_shows_the_fused_regions():
     """A tiny mae_st model: the fused regions move fewer bytes, the blocks the same."""
     from fastmae import video
 
-    config = dict(
-        img_size=8,
-        patch_size=4,
-        num_frames=4,
-        t_patch_size=2,
-        pred_t_dim=2,
-        **TINY,
-        sep_pos_embed=True,
-        cls_embed=True,
-        norm_pix_loss=True,
-    )
+    config = dict(**TINY_CLIP, **TINY, sep_pos_embed=True, cls_embed=True, norm_pix_loss=True)
     tallies = {}
     for name, cls in (
         ("reference", video.reference.MaskedAutoencoderViT),

@@ -52,9 +52,6 @@ PROFILES = {
 }
 MATMUL_TYPES = ("GEMM", "attention")
 WEIGHT_CAST = "weight cast (once per step)"
-# Outputs a fused op keeps for its backward on the torch path only (the loss's weighted residual,
-# which makes the CPU backward one multiply); the Triton path saves an empty tensor instead.
-TORCH_PATH_ONLY_OUTPUTS = {"fastmae::masked_pixel_loss": (3,)}
 
 
 def op_type(name: str) -> str:
@@ -151,7 +148,6 @@ class Accountant(TorchDispatchMode):
         self.shapes_only_matmuls = shapes_only_matmuls
         self.tally, self.bandwidth, self.peak = tally, bandwidth, peak
         self.parameters = parameters  # storages of the parameters, to tell weight casts apart
-        self.torch_path_only = set()  # storages of fused-op outputs the Triton path lacks
         self.weight_casts = set()  # storages of autocast's weight copies: per step, not image
         # The tensors behind those two sets, kept alive for the step: a freed storage's address
         # could otherwise be reused by an activation, which would then be skipped as one of them.
@@ -175,9 +171,6 @@ class Accountant(TorchDispatchMode):
             kind = (self.region, WEIGHT_CAST)
             self.weight_casts.add(out.untyped_storage().data_ptr())
             self.keep_alive.append(out)
-        for index in TORCH_PATH_ONLY_OUTPUTS.get(name, ()):
-            self.torch_path_only.add(out[index].untyped_storage().data_ptr())
-            self.keep_alive.append(out[index])
         self.tally.bytes[kind] += moved
         self.tally.flops[kind] += flops
         self.tally.seconds[kind] += max(moved / self.bandwidth, flops / self.peak)
@@ -238,7 +231,7 @@ def account_step(model, imgs, dtype: str, profile: dict, mask_ratio: float = 0.7
     def pack(tensor):
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        skip = parameters | inputs | accountant.torch_path_only | accountant.weight_casts
+        skip = parameters | inputs | accountant.weight_casts
         if key not in skip and key not in saved_storages:
             saved_storages.add(key)
             tally.saved[accountant.region] += storage.nbytes()

@@ -124,15 +124,14 @@ def kernel_specs(width: int):
                 row_tile_config(DECODER),
             ),
         ]
-    image_loss = {"L": LENGTH, **image, "P": PIXELS, **PRED_STRIDES}
+    image_loss = {"L": LENGTH, **image, "P": PIXELS}
     video_strides = dict(stride_n=VIDEO_LENGTH * PIXELS, stride_l=PIXELS, stride_p=1)
-    video_loss = {"L": VIDEO_LENGTH, **video, "P": PIXELS, **video_strides}
-    for norm_pix, prefix, geometry, table in (
-        (False, "", image_loss, False),
-        (True, "", image_loss, False),
-        (True, "video ", video_loss, True),
+    video_loss = {"L": VIDEO_LENGTH, **video, "P": PIXELS}
+    for norm_pix, prefix, geometry, table, strides in (
+        (False, "", image_loss, False, PRED_STRIDES),
+        (True, "", image_loss, False, PRED_STRIDES),
+        (True, "video ", video_loss, True, video_strides),
     ):
-        loss_inputs = {**pointers("pred=bf16 imgs=fp32 mask=fp32 frames=i64"), **geometry}
         suffix = " normpix" if norm_pix else ""
         constexprs = dict(U=1, PH=PATCH, PW=PATCH, FRAME_TABLE=table, NORM_PIX=norm_pix)
         specs.append(
@@ -140,8 +139,10 @@ def kernel_specs(width: int):
                 f"{prefix}loss fwd{suffix} (bf16 pred)",
                 loss._masked_loss_fwd_kernel,
                 {
-                    **pointers("patch_loss=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
-                    **loss_inputs,
+                    **pointers("patch_loss=fp32 residual=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
+                    **pointers("pred=bf16 imgs=fp32 mask=fp32 frames=i64"),
+                    **geometry,
+                    **strides,
                     "eps": ("fp32", loss.EPS),
                 },
                 dict(ALL_PATCHES=False, **constexprs),
@@ -152,8 +153,11 @@ def kernel_specs(width: int):
             spec(
                 f"{prefix}loss bwd{suffix} (bf16 pred)",
                 loss._masked_loss_bwd_kernel,
-                {**pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 mean=fp32 rstd=fp32")}
-                | loss_inputs,
+                {
+                    **pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 residual=fp32"),
+                    **pointers("mask=fp32 imgs=fp32 mean=fp32 rstd=fp32 frames=i64"),
+                    **geometry,
+                },
                 dict(GRAD_IMGS=False, **constexprs),
                 loss.launch_config(PIXELS),
             )

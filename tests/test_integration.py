@@ -62,11 +62,15 @@ def op_samples(use_triton: bool):
     frames = torch.tensor([0, 3])  # one target frame per temporal index: 2 x 2 x 6 patches
     video_pred = torch.randn(n, length, 12, requires_grad=True)
     with torch.no_grad():
-        _, mean, rstd, residual, _ = loss.masked_pixel_loss_op(
+        _, _, weight, residual, mean, rstd, _ = loss.masked_pixel_loss_op(
             imgs, pred, mask, None, [2, 2], True, False, use_triton
         )
+        _, _, video_weight, video_residual, video_mean, video_rstd, _ = loss.masked_pixel_loss_op(
+            video, video_pred, mask, frames, [1, 2, 2], True, False, use_triton
+        )
     scale = torch.full((1,), 0.01)
-    saved = (mean, rstd, residual)
+    image_geometry = ([n, 3, 8, 12], length, [2, 2], True, torch.float32)
+    video_geometry = ([n, 3, 4, 4, 12], length, [1, 2, 2], True, torch.float32)
     return [
         (masking.masking_op, (noise, keep, torch.float32)),
         (patchify.gather_patches_op, (imgs, ids_keep, [2, 2], False)),
@@ -127,7 +131,16 @@ def op_samples(use_triton: bool):
         ),
         (
             loss.masked_pixel_loss_backward_op,
-            (scale, imgs.detach(), pred.detach(), mask, *saved, None, [2, 2], True, True),
+            (scale, residual, weight, imgs.detach(), mean, rstd, None, *image_geometry),
+        ),
+        (
+            loss.masked_pixel_loss_backward_op,
+            (scale, residual, weight, None, mean, rstd, None, *image_geometry),
+        ),
+        (
+            loss.masked_pixel_loss_backward_op,
+            (scale, video_residual, video_weight, video.detach(), video_mean, video_rstd, frames)
+            + video_geometry,
         ),
     ]
 

@@ -57,6 +57,17 @@ def check_images(imgs, in_chans: int | None, img_size: tuple[int, int] | None) -
         )
 
 
+def check_dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> None:
+    """Outside autocast, the images must have the dtype of the model's parameters, as the
+    official convolution requires; under autocast any floating dtype is cast as it would be."""
+    if imgs.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
+        raise TypeError(
+            f"imgs has dtype {imgs.dtype}, the model's parameters {weight.dtype}: convert one "
+            f"to the other (imgs.to({weight.dtype}) or model.to({imgs.dtype})), or run the model "
+            "under torch.autocast"
+        )
+
+
 def check_divisible(height: int, width: int, patch_size: tuple[int, int]) -> None:
     if height % patch_size[0] or width % patch_size[1]:
         raise ValueError(

@@ -140,6 +140,7 @@ class MaskedAutoencoderBase(nn.Module):
         """Checks a training step's inputs; returns the number of kept patches, computed as the
         official ``int(L * (1 - mask_ratio))``."""
         self._check_images(imgs)
+        _checks.check_dtype_matches(imgs, self.patch_embed.proj.weight)
         num_patches = self.patch_embed.num_patches
         len_keep = _checks.len_keep(num_patches, mask_ratio)
         if noise is not None:
@@ -161,6 +162,9 @@ class MaskedAutoencoderBase(nn.Module):
                 f"ids_restore must have shape [{x.shape[0]}, {self.patch_embed.num_patches}], "
                 f"got {tuple(ids_restore.shape)}"
             )
+        _checks.check_index_values(
+            "forward_decoder", "ids_restore", ids_restore, length, distinct=True
+        )
 
     def _check_loss_inputs(self, imgs, pred, mask):
         """imgs as the model takes them; pred ``[N, L, p*p*C]`` and mask ``[N, L]`` to match."""

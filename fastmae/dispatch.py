@@ -10,6 +10,11 @@ Backends:
 float64 inputs take the torch path under every backend: the kernels keep float32 statistics,
 and the torch path computes float64 in float64, so ``model.double()`` is exact.
 
+Under torch.func transforms (``grad``, ``vmap``, ``jacrev``, ...) every op runs the official op
+sequence of :mod:`fastmae.reference` instead: a custom op's registered autograd cannot run under
+functorch (torch asks for an ``autograd.Function`` with its own ``setup_context``), and the
+plain ops give the reference's values and gradients there. See :func:`functorch_active`.
+
 Choose with the environment variable ``FASTMAE_BACKEND``, with :func:`set_backend`, or for a
 block of code with ``with fastmae.use_backend("torch"):``.
 
@@ -84,3 +89,11 @@ def use_triton(*tensors) -> bool:
             "interpreter and a dtype other than bfloat16)"
         )
     return runnable
+
+
+def functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, ...), where the fused ops run the
+    reference's plain torch ops. False while torch.compile traces, which needs the custom ops."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from fastmae import _checks
+from fastmae import _checks, reference
 from fastmae._checks import to_2tuple
-from fastmae.dispatch import use_triton
+from fastmae.dispatch import functorch_active, use_triton
 from fastmae.kernels.loss import masked_pixel_loss_op
 from fastmae.kernels.masking import masking_op
 from fastmae.kernels.patch_embed import add_positions_op
@@ -61,6 +61,8 @@ def random_masking_indices(noise: torch.Tensor, len_keep: int):
 
 
 def _random_masking_indices(noise, len_keep):
+    if functorch_active():
+        return reference.masking_indices(noise, len_keep)
     # The mask has the default dtype, as the official torch.ones; the op has no gradient.
     mask_dtype = torch.get_default_dtype()
     return masking_op(noise.detach(), len_keep, mask_dtype, use_triton(noise))
@@ -99,6 +101,8 @@ def embed_visible_patches(
 
 def _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     """Also for videos ``[N, C, T, H, W]`` with a Conv3d weight, and without a cls token."""
+    if functorch_active():
+        return reference.embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed)
     triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
     return _embed_kept_patches(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
@@ -108,6 +112,8 @@ def _embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
 def _add_positions(tokens, ids_keep, cls_token, pos_embed):
     """Embedded kept tokens ``[N, K, D]`` -> ``[N, S+K, D]``: the cls token (if not None) +
     ``pos_embed[0]`` first, then each token + its position ``pos_embed[S + ids_keep]``."""
+    if functorch_active():
+        return reference.add_positions(tokens, ids_keep, cls_token, pos_embed)
     width = tokens.shape[2]
     triton_path = use_triton(tokens, cls_token, pos_embed)
     cls_token = None if cls_token is None else cls_token.reshape(width)
@@ -140,6 +146,8 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, *, validate_ids: boo
 
 def _unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True):
     """``has_cls=False``: x ``[N, K, D]`` and pos_embed ``[1, L, D]`` have no cls row."""
+    if functorch_active():
+        return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls)
     width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
     mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
@@ -155,6 +163,8 @@ def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
 
 
 def _patchify(imgs, patch_size):
+    if functorch_active():
+        return reference.patch_rows(imgs, patch_size)
     return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
 
 
@@ -168,6 +178,8 @@ def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
 
 def _unpatchify(x, patch_size, grid_size):
     """Also for videos: patch ``(u, ph, pw)`` and grid ``(t, h, w)``."""
+    if functorch_active():
+        return reference.unpatch_rows(x, patch_size, grid_size)
     sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
     image_shape = [x.shape[0], x.shape[2] // math.prod(patch_size), *sizes]
     return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
@@ -190,6 +202,8 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False)
 def _masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
     """Also for videos: imgs ``[N, C, T, H, W]``, patch ``(u, ph, pw)``, and ``frames`` the
     int64 frame of each tubelet frame (the video MAE's target frames), read in place."""
+    if functorch_active():
+        return reference.masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames)
     # The mask's gradient needs every patch's MSE, so only then are all patches read.
     all_patches = mask.requires_grad and torch.is_grad_enabled()
     triton_path = use_triton(imgs, pred, mask)

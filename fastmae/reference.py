@@ -27,6 +27,7 @@ import torch
 from fastmae import _checks
 from fastmae._checks import to_2tuple
 from fastmae.base import MaskedAutoencoderBase, make_factories, masking_noise
+from fastmae.kernels.loss import EPS
 
 # ---------------------------------------------------------------------------------------------
 # The official op sequence, as functions of tensors.
@@ -35,25 +36,42 @@ from fastmae.base import MaskedAutoencoderBase, make_factories, masking_noise
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
     """imgs ``[N, C, H, W]`` -> ``[N, h*w, ph*pw*C]``, pixel index ``(i*pw + j)*C + c``."""
-    ph, pw = to_2tuple(patch_size, "patch_size")
+    patch_size = to_2tuple(patch_size, "patch_size")
     _checks.check_images(imgs, None, None)
-    n, c, height, width = imgs.shape
-    _checks.check_divisible(height, width, (ph, pw))
-    h, w = height // ph, width // pw
-    x = imgs.reshape(n, c, h, ph, w, pw)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, h * w, ph * pw * c)
+    _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
+    return patch_rows(imgs, patch_size)
+
+
+def patch_rows(imgs: torch.Tensor, patch_size) -> torch.Tensor:
+    """Unchecked patchify of images ``[N, C, H, W]`` (patch ``(ph, pw)``) or videos ``[N, C, T,
+    H, W]`` (tubelet ``(u, ph, pw)``) -> ``[N, t*h*w, u*ph*pw*C]``, pixels ``(u, i, j, c)``."""
+    video = imgs.unsqueeze(2) if imgs.dim() == 4 else imgs
+    u, ph, pw = (1, *patch_size) if imgs.dim() == 4 else patch_size
+    n, c, frames, height, width = video.shape
+    t, h, w = frames // u, height // ph, width // pw
+    x = video.reshape(n, c, t, u, h, ph, w, pw)
+    x = torch.einsum("nctuhpwq->nthwupqc", x)
+    return x.reshape(n, t * h * w, u * ph * pw * c)
 
 
 def unpatchify(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
     """``[N, h*w, ph*pw*C]`` -> imgs ``[N, C, h*ph, w*pw]``; the inverse of :func:`patchify`."""
-    ph, pw = to_2tuple(patch_size, "patch_size")
-    h, w = to_2tuple(grid_size, "grid_size")
-    c = _checks.check_patch_rows(x, (ph, pw), (h, w))
-    n = x.shape[0]
-    x = x.reshape(n, h, w, ph, pw, c)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, c, h * ph, w * pw)
+    patch_size = to_2tuple(patch_size, "patch_size")
+    grid_size = to_2tuple(grid_size, "grid_size")
+    _checks.check_patch_rows(x, patch_size, grid_size)
+    return unpatch_rows(x, patch_size, grid_size)
+
+
+def unpatch_rows(x: torch.Tensor, patch_size, grid_size) -> torch.Tensor:
+    """Unchecked inverse of :func:`patch_rows`: patch ``(ph, pw)`` and grid ``(h, w)`` give
+    images, tubelet ``(u, ph, pw)`` and grid ``(t, h, w)`` videos."""
+    u, ph, pw = (1, *patch_size) if len(patch_size) == 2 else patch_size
+    t, h, w = (1, *grid_size) if len(grid_size) == 2 else grid_size
+    n, c = x.shape[0], x.shape[2] // (u * ph * pw)
+    x = x.reshape(n, t, h, w, u, ph, pw, c)
+    x = torch.einsum("nthwupqc->nctuhpwq", x)
+    video = x.reshape(n, c, t * u, h * ph, w * pw)
+    return video[:, :, 0] if len(patch_size) == 2 else video
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -71,38 +89,75 @@ def random_masking_with_ids(x: torch.Tensor, mask_ratio, noise=None):
     n, length, width = x.shape
     keep = _checks.len_keep(length, mask_ratio)
     noise = masking_noise(noise, n, length, x.device)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :keep]
+    ids_keep, ids_restore, mask = masking_indices(noise, keep)
     x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, width))
-    mask = torch.ones([n, length], device=x.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
     return x_masked, mask, ids_restore, ids_keep
 
 
-def unshuffle_tokens(x, ids_restore, mask_token, pos_embed):
-    """Decoder input: x ``[N, 1+K, Dd]`` -> ``[N, 1+L, Dd]`` with mask tokens, unshuffled, + pos."""
-    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+def masking_indices(noise: torch.Tensor, len_keep: int):
+    """noise ``[N, L]`` -> ``(ids_keep [N, K], ids_restore [N, L], mask [N, L])`` by the
+    official double argsort; the mask (1 = removed) has the default float dtype."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(noise.shape, device=noise.device)
+    mask[:, :len_keep] = 0
+    return ids_shuffle[:, :len_keep], ids_restore, torch.gather(mask, dim=1, index=ids_restore)
+
+
+def add_positions(tokens, ids_keep, cls_token, pos_embed):
+    """Kept tokens ``[N, K, D]`` -> ``[N, S+K, D]``: each + ``pos_embed[:, S + id]``, after the
+    cls token (if not None, S = 1) + ``pos_embed[:, :1]``; pos_embed ``[1, S+L, D]``."""
+    start = 0 if cls_token is None else 1
+    positions = pos_embed[:, start:, :].expand(tokens.shape[0], -1, -1)
+    index = ids_keep.unsqueeze(-1).repeat(1, 1, tokens.shape[2])
+    x = tokens + torch.gather(positions, dim=1, index=index)
+    if cls_token is None:
+        return x
+    cls_token = cls_token + pos_embed[:, :1, :]
+    return torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+
+
+def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
+    """The patch embedding (a conv with stride = kernel; Conv3d weights embed videos) of every
+    patch, the kept ones gathered and positioned by :func:`add_positions`."""
+    conv = torch.nn.functional.conv2d if weight.dim() == 4 else torch.nn.functional.conv3d
+    tokens = conv(imgs, weight, bias, stride=tuple(weight.shape[2:]))
+    tokens = tokens.flatten(2).transpose(1, 2)
+    kept = torch.gather(tokens, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, tokens.shape[2]))
+    return add_positions(kept, ids_keep, cls_token, pos_embed)
+
+
+def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True):
+    """Decoder input: x ``[N, S+K, Dd]`` -> ``[N, S+L, Dd]`` with mask tokens, unshuffled, +
+    pos_embed ``[1, S+L, Dd]``; S = 1 (a cls row first) with ``has_cls``."""
+    start = int(has_cls)
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + start - x.shape[1], 1)
+    x_ = torch.cat([x[:, start:, :], mask_tokens], dim=1)
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-    x = torch.cat([x[:, :1, :], x_], dim=1)
+    x = torch.cat([x[:, :start, :], x_], dim=1)
     return x + pos_embed
 
 
-def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False):
+def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False, frames=None):
     """Mean squared error per patch, averaged over the removed patches (mask 1).
 
-    With ``norm_pix_loss`` the target patch is normalised by its mean and unbiased variance
+    imgs ``[N, C, H, W]`` with patch ``(ph, pw)``, or a video ``[N, C, T, H, W]`` with tubelet
+    ``(u, ph, pw)`` whose targets are the frames ``frames`` (int64; all without). With
+    ``norm_pix_loss`` the target patch is normalised by its mean and unbiased variance
     (+1e-6). A mask that sums to exactly 0 (no removed patch) gives 0 where the official code
     gives NaN; any other real mask, negative weights too, gives the official value.
     """
-    target = patchify(imgs, patch_size)
+    if frames is not None:
+        imgs = torch.index_select(imgs, 2, frames)
+    if imgs.dim() == 4:
+        patch_size = to_2tuple(patch_size, "patch_size")
+    target = patch_rows(imgs, patch_size)
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target = (target - mean) / (var + EPS) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
+    mask = mask.view(loss.shape)
     mask_sum = mask.sum()
     nonzero_sum = mask_sum != 0
     loss = (loss * mask).sum() / torch.where(nonzero_sum, mask_sum, torch.ones_like(mask_sum))

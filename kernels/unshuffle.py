@@ -156,7 +156,10 @@ def _unshuffle_torch(out, x, ids_restore, mask_token, pos_embed, cls: int):
     reads_x = (cls_row | ((source >= cls) & (source < keep + cls)))[..., None]
     is_masked = (~cls_row & (source >= keep + cls) & (source < length + cls))[..., None]
     rows = torch.arange(n, device=x.device)[:, None]
-    tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out.dtype)
+    if x.shape[1]:
+        tokens = x[rows, torch.where(reads_x[..., 0], source, 0)].to(out.dtype)
+    else:  # no cls row and nothing kept: no row of x to read
+        tokens = out.new_zeros(out.shape)
     tokens = torch.where(is_masked, mask_token.to(out.dtype), torch.where(reads_x, tokens, 0))
     torch.add(tokens, pos_embed, out=out)
 

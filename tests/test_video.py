@@ -33,6 +33,10 @@ SHAPES = {
     "rgb-t4": dict(
         img_size=8, patch_size=2, in_chans=3, num_frames=8, t_patch_size=4, pred_t_dim=4
     ),
+    # mae_st's default pred_t_dim 8 on a 4-frame clip: linspace repeats target frames.
+    "repeated-frames": dict(
+        img_size=8, patch_size=4, in_chans=3, num_frames=4, t_patch_size=2, pred_t_dim=8
+    ),
 }
 LAYOUTS = list(itertools.product([False, True], [False, True]))
 
@@ -73,7 +77,7 @@ def test_drop_in_matches_reference(backend, sep, cls, norm_pix, fresh_seed):
         assert launch_counts() == {}
 
 
-@pytest.mark.parametrize("shape", ["gray-nonsquare-u2", "rgb-t4"])
+@pytest.mark.parametrize("shape", ["gray-nonsquare-u2", "rgb-t4", "repeated-frames"])
 @pytest.mark.parametrize("sep,cls", [(True, False), (False, True)], ids=lambda v: str(v))
 def test_other_shapes_match_reference(backend, shape, sep, cls, fresh_seed):
     ref, fused = twins(shape, sep, cls, norm_pix=True)
@@ -181,12 +185,28 @@ def test_factories_have_mae_st_hyperparameters():
     [
         (dict(num_frames=6, t_patch_size=4), r"num_frames 6 is not divisible by t_patch_size 4"),
         (dict(num_frames=8, t_patch_size=2, pred_t_dim=3), r"pred_t_dim 3 does not fit"),
-        (dict(num_frames=4, t_patch_size=2, pred_t_dim=8), r"pred_t_dim 8 does not fit"),
+        (dict(num_frames=4, t_patch_size=2, pred_t_dim=3), r"pred_t_dim 3 does not fit"),
     ],
 )
 def test_constructor_refuses_incompatible_frames(config, message):
     with pytest.raises(ValueError, match=message):
         video.MaskedAutoencoderViT(img_size=8, patch_size=4, **TINY_VIDEO, **config)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("shape", ["rgb", "repeated-frames"])
+def test_loss_gradient_reaches_the_clip(backend, shape, norm_pix):
+    """d loss / d imgs through the targets; a frame that linspace names twice gets both."""
+    ref, fused = twins(shape, norm_pix=norm_pix)
+    imgs = clip(ref, batch=2).requires_grad_()
+    pred = torch.randn(2, ref.patch_embed.num_patches, ref.decoder_pred.out_features)
+    mask = (torch.rand(2, ref.patch_embed.num_patches) < 0.6).float()
+    grads = []
+    for model in (fused, ref):
+        (grad,) = torch.autograd.grad(model.forward_loss(imgs, pred, mask), imgs)
+        grads.append(grad)
+    assert grads[1].abs().sum() > 0
+    assert rel_err(grads[0], grads[1]) <= 1e-5
 
 
 @pytest.mark.parametrize(

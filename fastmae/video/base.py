@@ -152,6 +152,9 @@ class VideoMaskedAutoencoderBase(nn.Module):
     def _check_step(self, imgs, mask_ratio, noise) -> int:
         """Checks a training step's inputs; returns the number of kept tokens."""
         self._check_videos(imgs)
+        proj = getattr(self.patch_embed, "proj", None)  # a custom patch_embed may have none
+        if isinstance(getattr(proj, "weight", None), torch.Tensor):
+            _checks.check_dtype_matches(imgs, proj.weight)
         len_keep = _checks.len_keep(self.patch_embed.num_patches, mask_ratio)
         if noise is not None:
             _checks.check_noise(noise, imgs.shape[0], self.patch_embed.num_patches, imgs.device)
@@ -170,6 +173,9 @@ class VideoMaskedAutoencoderBase(nn.Module):
                 f"ids_restore must have shape [{x.shape[0]}, {length}], "
                 f"got {tuple(ids_restore.shape)}"
             )
+        _checks.check_index_values(
+            "forward_decoder", "ids_restore", ids_restore, length, distinct=True
+        )
 
     def _check_loss_inputs(self, imgs, pred, mask):
         self._check_videos(imgs)
@@ -180,11 +186,12 @@ class VideoMaskedAutoencoderBase(nn.Module):
 def _check_pred_t_dim(num_frames, t_patch_size, pred_t_dim) -> None:
     if isinstance(pred_t_dim, bool) or not isinstance(pred_t_dim, int) or pred_t_dim < 1:
         raise ValueError(f"pred_t_dim must be a positive int, got {pred_t_dim!r}")
-    if pred_t_dim > num_frames or (t_patch_size * pred_t_dim) % num_frames:
+    if (t_patch_size * pred_t_dim) % num_frames:
         raise ValueError(
             f"pred_t_dim {pred_t_dim} does not fit num_frames {num_frames} and t_patch_size "
-            f"{t_patch_size}: the target needs pred_t_dim <= num_frames and t_patch_size * "
-            "pred_t_dim divisible by num_frames (whole target frames per tubelet)"
+            f"{t_patch_size}: the target needs t_patch_size * pred_t_dim divisible by "
+            "num_frames (whole target frames per tubelet; a larger pred_t_dim than num_frames "
+            "repeats frames, as mae_st's linspace does)"
         )
 
 

@@ -25,7 +25,12 @@ from __future__ import annotations
 import torch
 
 from fastmae.base import make_factories
-from fastmae.reference import random_masking_with_ids
+from fastmae.reference import (
+    masked_pixel_loss,
+    patch_rows,
+    random_masking_with_ids,
+    unpatch_rows,
+)
 from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
 
 
@@ -34,25 +39,14 @@ class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
 
     def patchify(self, imgs):
         """imgs ``[N, C, T, H, W]`` -> ``[N, T/u' * h * w, u'*p*p*C]``, pixels ``(u', p, q, c)``."""
-        n, c, frames, height, width = imgs.shape
-        p, q = self.patch_embed.patch_size
-        u = self.t_pred_patch_size
-        t, h, w = frames // u, height // p, width // q
-        x = imgs.reshape(n, c, t, u, h, p, w, q)
-        x = torch.einsum("nctuhpwq->nthwupqc", x)
-        return x.reshape(n, t * h * w, u * p * q * c)
+        return patch_rows(imgs, (self.t_pred_patch_size, *self.patch_embed.patch_size))
 
     def unpatchify(self, x):
         """The inverse of :meth:`patchify` for this model's frame size: ``[N, L, u'*p*p*C]`` ->
         ``[N, C, T, H, W]`` with ``T = L / (h*w) * u'``."""
-        n, length, pixels = x.shape
-        p, q = self.patch_embed.patch_size
         h, w = self.input_size[1:]
-        u = self.t_pred_patch_size
-        c = pixels // (u * p * q)
-        x = x.reshape(n, length // (h * w), h, w, u, p, q, c)
-        x = torch.einsum("nthwupqc->nctuhpwq", x)
-        return x.reshape(n, c, length // (h * w) * u, h * p, w * q)
+        grid = (x.shape[1] // (h * w), h, w)
+        return unpatch_rows(x, (self.t_pred_patch_size, *self.patch_embed.patch_size), grid)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore, ids_keep)``."""
@@ -103,17 +97,8 @@ class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
         """imgs ``[N, C, T, H, W]``, pred ``[N, L, u'*p*p*C]``, mask ``[N, L]`` -> 0-dim loss."""
         self._check_loss_inputs(imgs, pred, mask)
         frames = self.target_frames(imgs.shape[2], imgs.device)
-        target = self.patchify(torch.index_select(imgs, 2, frames))
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        mask = mask.view(loss.shape)
-        mask_sum = mask.sum()
-        nonzero = mask_sum != 0
-        loss = (loss * mask).sum() / torch.where(nonzero, mask_sum, torch.ones_like(mask_sum))
-        return torch.where(nonzero, loss, torch.zeros_like(loss))
+        patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
+        return masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss, frames)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         """imgs ``[N, C, T, H, W]`` -> ``(loss, pred [N, L, u'*p*p*C], mask [N, L])``."""

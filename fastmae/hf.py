@@ -35,8 +35,8 @@ features the installed version has, not by its version string.
 
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 
 import torch
 
@@ -74,7 +74,8 @@ def _original(cls, name):
 
 
 def _fusable_images(embeddings, pixel_values) -> bool:
-    """pixel_values as the fused ops take them: floating [N, C, H, W] of the config's C, H, W."""
+    """pixel_values as the fused ops take them: floating [N, C, H, W] of the config's C, H, W,
+    in the projection's dtype (any floating dtype under autocast, which casts as HF's conv)."""
     patches = embeddings.patch_embeddings
     image_size = tuple(patches.image_size)
     return (
@@ -83,6 +84,10 @@ def _fusable_images(embeddings, pixel_values) -> bool:
         and pixel_values.dim() == 4
         and pixel_values.shape[1] == patches.num_channels
         and tuple(pixel_values.shape[2:]) == image_size
+        and (
+            pixel_values.dtype == patches.projection.weight.dtype
+            or torch.is_autocast_enabled(pixel_values.device.type)
+        )
     )
 
 
@@ -258,13 +263,20 @@ def _tuple_capable(forward):
     return wrap(forward) if wrap is not None else forward
 
 
+# The module-level name is the wrapped function, so that pickle finds it by its name.
+_pretraining_forward = _tuple_capable(_pretraining_forward)
+
 _FUSED = {
     (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
     (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
     (hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD): (
-        _forward_loss if _LOSS_METHOD else _tuple_capable(_pretraining_forward)
+        _forward_loss if _LOSS_METHOD else _pretraining_forward
     ),
 }
+# A replaced method presents the original's signature: callers read it (Trainer's columns,
+# HF's tests ask whether forward takes output_attentions through its **kwargs).
+for _key, _fused in _FUSED.items():
+    _fused.__signature__ = inspect.signature(_ORIGINAL[_key])
 
 
 # -- the public calls ----------------------------------------------------------------------------
@@ -292,7 +304,9 @@ def apply_fastmae(model):
         )
     for (cls, name), fused in _FUSED.items():
         if cls in targets:
-            setattr(targets[cls], name, types.MethodType(fused, targets[cls]))
+            # A partial of a module-level function pickles and deep-copies with the model, and
+            # the copy keeps the fused ops (a bound method would pickle as a lookup by name).
+            setattr(targets[cls], name, functools.partial(fused, targets[cls]))
     return model
 
 

@@ -1,0 +1,100 @@
+"""The three model families as their clients see them: each with its oracle (the official op
+sequence, or the unpatched Hugging Face model) and the fastmae model built from the same
+weights, an input sampler and one call that returns ``(loss, pred, mask)``.
+
+Used by the client-loop tests (the official engines' step, Trainer, convergence) and the
+autograd-contract tests."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fastmae
+import fastmae.video
+from fastmae import reference
+from fastmae.video import reference as video_reference
+from tests.helpers import TINY, TINY_CLIP
+
+FAMILIES = ("image", "video", "hf")
+# Tiny Hugging Face ViTMAE: 16 x 16 images of 4 x 4 patches, as the image family.
+TINY_VITMAE = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    decoder_hidden_size=24,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=48,
+)
+
+
+@dataclass
+class Family:
+    oracle: torch.nn.Module
+    fused: torch.nn.Module
+    sample: Callable[[int], torch.Tensor]  # batch size -> a fresh input batch
+    call: Callable  # (model, imgs) -> (loss, pred, mask)
+    noise_length: int  # L, for a noise argument
+
+
+def _call_drop_in(model, imgs, noise=None):
+    return model(imgs, mask_ratio=0.75, noise=noise)
+
+
+def _call_hf(model, imgs, noise=None):
+    out = model(imgs, noise=noise)
+    return out.loss, out.logits, out.mask
+
+
+def make_family(name: str, norm_pix_loss: bool = True) -> Family:
+    """The oracle and the fastmae model of family ``name``, with the same initial weights."""
+    if name == "image":
+        config = dict(img_size=16, patch_size=4, norm_pix_loss=norm_pix_loss, **TINY)
+        torch.manual_seed(0)
+        oracle = reference.MaskedAutoencoderViT(**config)
+        fused = fastmae.MaskedAutoencoderViT(**config)
+        fused.load_state_dict(oracle.state_dict())
+        return Family(oracle, fused, lambda n: torch.randn(n, 3, 16, 16), _call_drop_in, 16)
+    if name == "video":
+        config = dict(norm_pix_loss=norm_pix_loss, cls_embed=True, **TINY, **TINY_CLIP)
+        torch.manual_seed(0)
+        oracle = video_reference.MaskedAutoencoderViT(**config)
+        fused = fastmae.video.MaskedAutoencoderViT(**config)
+        fused.load_state_dict(oracle.state_dict())
+        return Family(oracle, fused, lambda n: torch.randn(n, 3, 4, 8, 8), _call_drop_in, 8)
+    if name == "hf":
+        import transformers
+
+        from fastmae.hf import apply_fastmae
+
+        torch.manual_seed(0)
+        config = transformers.ViTMAEConfig(**TINY_VITMAE, norm_pix_loss=norm_pix_loss)
+        oracle = transformers.ViTMAEForPreTraining(config)
+        fused = apply_fastmae(copy.deepcopy(oracle))
+        return Family(oracle, fused, lambda n: torch.randn(n, 3, 16, 16), _call_hf, 16)
+    raise ValueError(f"unknown family {name!r}")
+
+
+def comparable_parameters(model) -> dict:
+    """The parameters whose values two implementations must agree on after training: all but
+    the attention key biases (a fused qkv bias: its middle third). Softmax ignores a shift
+    shared by all keys, so their gradient is zero in exact arithmetic and rounding noise in
+    practice, which AdamW turns into steps of up to the learning rate; they never change the
+    loss."""
+    params = {}
+    for name, param in model.named_parameters():
+        value = param.detach()
+        if name.endswith(("attn.k.bias", "attention.key.bias", "k_proj.bias")):
+            continue
+        if name.endswith("attn.qkv.bias"):
+            third = value.shape[0] // 3
+            value = torch.cat([value[:third], value[2 * third :]])
+        params[name] = value.clone()
+    return params

@@ -17,6 +17,32 @@ BACKENDS = (
 )
 
 
+def _nan_filled(allocate):
+    """``allocate`` (torch.empty, empty_like or Tensor.new_empty) whose floating results are
+    filled with NaN, as flash-linear-attention's tests do: a kernel that reads memory it never
+    wrote then fails a test instead of reading whatever was there."""
+
+    def nan_filled(*args, **kwargs):
+        tensor = allocate(*args, **kwargs)
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            with torch.no_grad():
+                tensor.fill_(float("nan"))
+        return tensor
+
+    return nan_filled
+
+
+@pytest.fixture(autouse=True)
+def uninitialised_memory_is_nan(monkeypatch):
+    """Every torch.empty, empty_like and new_empty in a test is NaN-filled (fastmae's, and the
+    libraries' it calls, which write what they allocate)."""
+    if torch.compiler.is_compiling():  # pragma: no cover - fixtures run eagerly
+        return
+    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """Every test draws fresh random inputs; the seed is printed so a failure can be replayed."""

@@ -386,3 +386,10 @@ def test_gradcheck_float64(backend, name):
     reset_launch_counts()
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
     assert launch_counts() == {}
+
+
+def test_allocations_are_nan_filled_under_tests():
+    """The conftest fixture that makes a read of unwritten memory fail a test is in force."""
+    assert torch.isnan(torch.empty(3)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2))).all()
+    assert torch.isnan(torch.zeros(2).new_empty(4)).all()

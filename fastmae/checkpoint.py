@@ -103,7 +103,7 @@ def read_checkpoint(source) -> dict:
     """A state_dict from a path (file or Hugging Face directory) or a dict, unwrapped and renamed
     to fastmae's keys. Pickled files load with ``weights_only=True``."""
     if isinstance(source, (str, os.PathLike)):
-        source = _load_path(os.fspath(source))
+        source = load_file(os.fspath(source))
     if not isinstance(source, dict):
         raise TypeError(f"source must be a path or a dict, got {type(source).__name__}")
     state = source.get("model", source.get("state_dict", source))
@@ -114,11 +114,25 @@ def read_checkpoint(source) -> dict:
     return convert_hf_state_dict(state) if _is_hf(state) else dict(state)
 
 
-def _load_path(path: str) -> dict:
+def training_args(source) -> dict:
+    """The training arguments an official training checkpoint saved beside its weights (its
+    ``args``: an argparse Namespace, or a dict), as a dict; ``{}`` where there are none (the
+    released weights, Hugging Face files). ``source`` is a path or a loaded dict."""
+    if isinstance(source, (str, os.PathLike)):
+        source = load_file(os.fspath(source))
+    saved = source.get("args") if isinstance(source, dict) else None
+    if isinstance(saved, argparse.Namespace):
+        return dict(vars(saved))
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
+def load_file(path: str) -> dict:
+    """What a checkpoint file (or a Hugging Face folder) holds, as a dict; pickled files load
+    with ``weights_only=True`` (official training checkpoints' argparse Namespace allowed)."""
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
-                return _load_path(os.path.join(path, name))
+                return load_file(os.path.join(path, name))
         raise FileNotFoundError(
             f"{path} holds neither model.safetensors nor pytorch_model.bin; it holds "
             f"{sorted(os.listdir(path))}"
@@ -127,11 +141,11 @@ def _load_path(path: str) -> dict:
         raise ValueError(f"{path} is empty (0 bytes), not a checkpoint")
     if path.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file as load_safetensors
         except ImportError as error:
             raise ImportError(f"reading {path} needs the safetensors package") from error
         try:
-            return load_file(path)
+            return load_safetensors(path)
         except Exception as error:  # safetensors' own error type differs between versions
             raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
     with open(path, "rb") as file:

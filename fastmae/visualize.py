@@ -29,6 +29,7 @@ import torch
 
 import fastmae
 import fastmae.video
+from fastmae import checkpoint
 
 # Input normalisation: ImageNet's for RGB (as the MAE training script), its grey average for 1.
 CHANNEL_STATS = {
@@ -161,7 +162,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--in-chans", type=int, default=3, help="1 or 3")
     parser.add_argument("--img-size", type=int, nargs="+", help="H [W] if not the model's 224")
-    parser.add_argument("--norm-pix-loss", action="store_true", help="model trained on norm-pix")
+    parser.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the model was trained with norm_pix_loss (default: the checkpoint's saved args, "
+        "else no)",
+    )
     video_options = parser.add_argument_group("video (mae_st models, fastmae.video)")
     video_options.add_argument("--video", action="store_true", help="a video MAE on a test clip")
     video_options.add_argument("--num-frames", type=int, default=16)
@@ -182,9 +189,13 @@ def main(argv=None) -> int:
         extra.update(
             num_frames=args.num_frames, t_patch_size=args.t_patch_size, pred_t_dim=args.pred_t_dim
         )
-    model = factory(in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss, **extra)
+    weights = checkpoint.load_file(args.checkpoint) if args.checkpoint else {}
+    norm_pix_loss = args.norm_pix_loss
+    if norm_pix_loss is None:  # official training checkpoints save their arguments
+        norm_pix_loss = bool(checkpoint.training_args(weights).get("norm_pix_loss", False))
+    model = factory(in_chans=args.in_chans, norm_pix_loss=norm_pix_loss, **extra)
     if args.checkpoint:
-        fastmae.load_checkpoint(model, args.checkpoint)
+        fastmae.load_checkpoint(model, weights)
     else:
         print(
             "warning: no --checkpoint given, running random weights: the picture is meaningless",

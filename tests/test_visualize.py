@@ -1,5 +1,7 @@
 """The reconstruction picture: CLI output and the un-normalisation it draws."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -47,6 +49,30 @@ def test_cli_default_image_and_checkpoint(tmp_path, capsys):
     assert "random weights" not in capsys.readouterr().err
     with Image.open(out) as picture:
         assert picture.size == (4 * 32, 32)
+
+
+@pytest.mark.parametrize(
+    "saved,flag,expected",
+    [(True, [], True), (False, [], False), (None, [], False), (True, ["--no-norm-pix-loss"], False)]
+    + [(False, ["--norm-pix-loss"], True)],
+)
+def test_cli_takes_norm_pix_loss_from_the_checkpoint_args(
+    tmp_path, monkeypatch, saved, flag, expected
+):
+    """Official training checkpoints save their argparse args: norm_pix_loss comes from there
+    unless the flag says otherwise."""
+    model = fastmae.mae_vit_base_patch16(img_size=32)
+    state = {"model": model.state_dict(), "epoch": 1}
+    if saved is not None:
+        state["args"] = argparse.Namespace(norm_pix_loss=saved, mask_ratio=0.75)
+    torch.save(state, tmp_path / "ckpt.pth")
+    seen = []
+    load = fastmae.load_checkpoint
+    monkeypatch.setattr(fastmae, "load_checkpoint", lambda m, w: seen.append(m) or load(m, w))
+    out = str(tmp_path / "card.png")
+    args = ["--checkpoint", str(tmp_path / "ckpt.pth"), "--img-size", "32", "--out", out]
+    assert visualize.main([*args, *flag]) == 0
+    assert [m.norm_pix_loss for m in seen] == [expected]
 
 
 def perfect_prediction(patches, mask, norm_pix):

@@ -232,10 +232,11 @@ class _Images(torch.utils.data.Dataset):
         return {"pixel_values": self.images[index]}
 
 
-def train_two_steps(model, output_dir):
+def train_two_steps(model, output_dir, accumulation=1):
     args = transformers.TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
         max_steps=2,
         learning_rate=1e-2,
         # SGD, not AdamW: Adam turns the attention key bias's rounding-noise gradient (zero in
@@ -256,7 +257,7 @@ def train_two_steps(model, output_dir):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Images(4))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Images(4 * accumulation))
     trainer.add_callback(Record())
     result = trainer.train()
     return (
@@ -266,16 +267,87 @@ def train_two_steps(model, output_dir):
     )
 
 
-def test_trainer_two_steps_match_unpatched(backend, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_two_steps_match_unpatched(backend, tmp_path, accumulation):
+    """Trainer divides the loss for gradient accumulation and calls accelerate's backward."""
     pytest.importorskip("accelerate")
     hf, fused = twins(norm_pix_loss=True)
     reset_launch_counts()
-    fused_loss, fused_losses, fused_params = train_two_steps(fused, tmp_path / "fused")
+    fused_loss, fused_losses, fused_params = train_two_steps(
+        fused, tmp_path / "fused", accumulation
+    )
     counts = launch_counts()
-    hf_loss, hf_losses, hf_params = train_two_steps(hf, tmp_path / "hf")
+    hf_loss, hf_losses, hf_params = train_two_steps(hf, tmp_path / "hf", accumulation)
     assert len(fused_losses) == len(hf_losses) == 2
     assert fused_losses == pytest.approx(hf_losses, rel=1e-5)
     assert rel_err(torch.tensor(fused_loss), torch.tensor(hf_loss)) <= 1e-5
     # The key biases start at 0 and SGD moves them by lr x rounding noise: negligible.
     assert_tensors_match(fused_params, hf_params)
-    assert (counts.get("_masked_loss_bwd_kernel", 0) == 2) == (backend == "triton")
+    launches = 2 * accumulation  # one loss backward per micro-batch
+    assert (counts.get("_masked_loss_bwd_kernel", 0) == launches) == (backend == "triton")
+
+
+@pytest.mark.parametrize("how", ["instance", "class"])
+def test_patched_model_pickles_and_keeps_the_fused_ops(how, tmp_path):
+    """pickle, torch.save of the whole model and deepcopy (EMA, DataParallel) work after
+    apply_fastmae, and the copy still runs the fused ops with the same result."""
+    import io
+    import pickle
+
+    if how == "instance":
+        hf, fused = twins(norm_pix_loss=True)
+    else:
+        hf = transformers.ViTMAEForPreTraining(config(norm_pix_loss=True))
+        fastmae.hf.patch_vitmae()
+    try:
+        model = fused if how == "instance" else hf
+        pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
+        expected = model(pixel_values, noise=noise).loss
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+        buffer.seek(0)
+        copies.append(torch.load(buffer, weights_only=False))
+        for clone in copies:
+            with fastmae.use_backend("torch"):
+                reset_launch_counts()
+                assert torch.equal(clone(pixel_values, noise=noise).loss, expected)
+            forward = clone.vit.embeddings.forward
+            assert getattr(forward, "func", getattr(forward, "__func__", None)) is (
+                fastmae.hf._embeddings_forward
+            )
+    finally:
+        fastmae.hf.unpatch_vitmae()
+
+
+@pytest.mark.parametrize("how", ["instance", "class"])
+def test_replaced_methods_present_hf_signatures(how):
+    """Callers read inspect.signature(model.forward) (Trainer's columns; HF's tests look for
+    output_attentions in its **kwargs): the fused methods present HF's own."""
+    plain = transformers.ViTMAEForPreTraining(config())
+    if how == "instance":
+        patched = fastmae.hf.apply_fastmae(copy.deepcopy(plain))
+    else:
+        fastmae.hf.patch_vitmae()
+        patched = transformers.ViTMAEForPreTraining(config())
+    try:
+        for owner in ("", "vit.embeddings", "decoder"):
+            methods = [m.get_submodule(owner).forward for m in (patched, plain)]
+            assert inspect.signature(methods[0]) == inspect.signature(methods[1]), owner
+    finally:
+        fastmae.hf.unpatch_vitmae()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_other_pixel_dtypes_get_hf_behaviour(dtype):
+    """pixel_values of another dtype than the model's, outside autocast: HF's own code runs
+    and gives HF's error, not a failure inside the fused path."""
+    hf, fused = twins()
+    pixel_values = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with pytest.raises(RuntimeError) as hf_error:
+        hf(pixel_values)
+    reset_launch_counts()
+    with pytest.raises(RuntimeError) as fused_error:
+        fused(pixel_values)
+    assert str(fused_error.value) == str(hf_error.value)
+    assert launch_counts() == {}

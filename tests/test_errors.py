@@ -129,3 +129,40 @@ def test_forward_loss_checks_pred_and_mask(model):
         model.forward_loss(imgs, torch.randn(2, 4, 47), torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"mask must have shape \[2, 4\], got \[2, 3\]"):
         model.forward_loss(imgs, torch.randn(2, 4, 48), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("bad", [16, -1, 10**6], ids=["one-past", "negative", "huge"])
+def test_forward_decoder_refuses_ids_out_of_range(model, bad):
+    """As the official gather refuses them; fastmae's kernels would silently mask them."""
+    imgs = torch.randn(2, 3, 8, 8)
+    latent, _, ids_restore = model.forward_encoder(imgs, 0.5)
+    ids = ids_restore.clone()
+    ids[1, 2] = bad
+    with pytest.raises(
+        ValueError, match=rf"forward_decoder: ids_restore\[1, 2\] = {bad} is outside"
+    ):
+        model.forward_decoder(latent, ids)
+
+
+def test_forward_decoder_refuses_a_repeated_id(model):
+    imgs = torch.randn(2, 3, 8, 8)
+    latent, _, ids_restore = model.forward_encoder(imgs, 0.5)
+    ids = ids_restore.clone()
+    ids[0, 1] = ids[0, 0]
+    with pytest.raises(ValueError, match=r"forward_decoder: ids_restore\[0\] holds .* twice"):
+        model.forward_decoder(latent, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_another_dtype_name_both_dtypes(model, dtype):
+    imgs = torch.randn(2, 3, 8, 8, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"imgs has dtype {dtype}, the model's parameters "):
+        model(imgs)
+
+
+def test_images_of_another_dtype_run_under_autocast(model):
+    """Under autocast the official conv casts, and so does the fused path."""
+    imgs = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = model(imgs)
+    assert torch.isfinite(loss)

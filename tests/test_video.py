@@ -234,3 +234,20 @@ def test_compile_fullgraph_matches_eager(backend):
     compiled = torch.compile(fused, fullgraph=True)(imgs, 0.75, noise=noise)
     assert torch.equal(compiled[2], eager[2])
     assert rel_err(compiled[0], eager[0]) <= 1e-5 and rel_err(compiled[1], eager[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_clips_of_another_dtype_name_both_dtypes(dtype):
+    model = video.MaskedAutoencoderViT(**SHAPES["rgb"], **TINY_VIDEO)
+    imgs = clip(model, batch=2).to(dtype)
+    with pytest.raises(TypeError, match=rf"imgs has dtype {dtype}, the model's parameters "):
+        model(imgs)
+
+
+@pytest.mark.parametrize("cls", [False, True], ids=["no-cls", "cls"])
+def test_nothing_kept_matches_reference(backend, cls, fresh_seed):
+    """mask_ratio 0.999 on a short clip keeps no token (K = 0), which the checks accept: the
+    loss, pred and gradients are mae_st's, on both backends."""
+    ref, fused = twins("rgb", cls=cls)
+    imgs = clip(ref, batch=2)
+    assert_same(run_step(fused, imgs, 0.999, fresh_seed), run_step(ref, imgs, 0.999, fresh_seed))

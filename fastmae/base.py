@@ -162,9 +162,6 @@ class MaskedAutoencoderBase(nn.Module):
                 f"ids_restore must have shape [{x.shape[0]}, {self.patch_embed.num_patches}], "
                 f"got {tuple(ids_restore.shape)}"
             )
-        _checks.check_index_values(
-            "forward_decoder", "ids_restore", ids_restore, length, distinct=True
-        )
 
     def _check_loss_inputs(self, imgs, pred, mask):
         """imgs as the model takes them; pred ``[N, L, p*p*C]`` and mask ``[N, L]`` to match."""

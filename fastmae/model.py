@@ -46,8 +46,14 @@ class FusedSteps:
         return self._encoder(imgs, self._check_step(imgs, mask_ratio, noise), noise)
 
     def forward_decoder(self, x, ids_restore):
-        """latent, ids_restore ``[N, L]`` -> pred ``[N, L, P]``."""
+        """latent, ids_restore ``[N, L]`` -> pred ``[N, L, P]``. ids_restore must be a
+        permutation in each row, as the masking makes it: the kernels would mask an id out of
+        range (the official gather raises) and give a repeated id a wrong gradient. The check
+        reads the ids on the host; ``forward`` makes its own ids and skips it."""
         self._check_decoder_inputs(x, ids_restore)
+        _checks.check_index_values(
+            "forward_decoder", "ids_restore", ids_restore, ids_restore.shape[1], distinct=True
+        )
         return self._decoder(x, ids_restore)
 
     def forward_loss(self, imgs, pred, mask):

@@ -59,7 +59,8 @@ def test_loss_kernel_bytes_count_the_patches_read():
     counted = FUSED_OPS["fastmae::masked_pixel_loss"].bytes(*args, outputs=outputs)
     removed = 3  # patches with a nonzero weight: pixels fp32 + pred bf16 each
     stats = 2 * 8 * 4  # mean and rstd of every patch slot, fp32
-    assert counted == removed * 48 * (4 + 2) + mask.numel() * 4 + stats + 8 * 4
+    state = 8 * 4 + 8 * 48 * 4  # the weights' copy and the residual of every patch slot, fp32
+    assert counted == removed * 48 * (4 + 2) + mask.numel() * 4 + stats + 8 * 4 + state
 
 
 def test_kernels_readme_byte_table_is_current():

@@ -173,9 +173,6 @@ class VideoMaskedAutoencoderBase(nn.Module):
                 f"ids_restore must have shape [{x.shape[0]}, {length}], "
                 f"got {tuple(ids_restore.shape)}"
             )
-        _checks.check_index_values(
-            "forward_decoder", "ids_restore", ids_restore, length, distinct=True
-        )
 
     def _check_loss_inputs(self, imgs, pred, mask):
         self._check_videos(imgs)

@@ -59,10 +59,15 @@ def check_images(imgs, in_chans: int | None, img_size: tuple[int, int] | None) -
         )
 
 
-def check_dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> None:
+def dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> bool:
     """Outside autocast, the images must have the dtype of the model's parameters, as the
     official convolution requires; under autocast any floating dtype is cast as it would be."""
-    if imgs.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
+    return imgs.dtype == weight.dtype or torch.is_autocast_enabled(imgs.device.type)
+
+
+def check_dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> None:
+    """:func:`dtype_matches`, or a TypeError naming both dtypes."""
+    if not dtype_matches(imgs, weight):
         raise TypeError(
             f"imgs has dtype {imgs.dtype}, the model's parameters {weight.dtype}: convert one "
             f"to the other (imgs.to({weight.dtype}) or model.to({imgs.dtype})), or run the model "

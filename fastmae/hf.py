@@ -40,7 +40,7 @@ import inspect
 
 import torch
 
-from fastmae import functional
+from fastmae import _checks, functional
 
 try:
     from transformers.models.vit_mae import modeling_vit_mae as hf_vitmae
@@ -84,10 +84,7 @@ def _fusable_images(embeddings, pixel_values) -> bool:
         and pixel_values.dim() == 4
         and pixel_values.shape[1] == patches.num_channels
         and tuple(pixel_values.shape[2:]) == image_size
-        and (
-            pixel_values.dtype == patches.projection.weight.dtype
-            or torch.is_autocast_enabled(pixel_values.device.type)
-        )
+        and _checks.dtype_matches(pixel_values, patches.projection.weight)
     )
 
 

@@ -37,7 +37,7 @@ from ._triton import (
     triton,
     warps_for,
 )
-from .patchify import as_video, gather_patches, scatter_patches
+from .patchify import as_video, gather_patches, scatter_patches, video_geometry
 
 EPS = 1e-6
 MAX_PATCH_PIXELS = 1 << 16  # one patch is one block of a program
@@ -239,14 +239,6 @@ def launch_config(pixels: int) -> dict:
     return dict(BLOCK=block, num_warps=warps_for(block))
 
 
-def _video_geometry(imgs_shape, patch_size):
-    """``(imgs_shape as [N, C, F, H, W], patch_size as (u, ph, pw))``: an image is one frame."""
-    if len(imgs_shape) == 4:
-        n, c, height, width = imgs_shape
-        return [n, c, 1, height, width], [1, *patch_size]
-    return list(imgs_shape), list(patch_size)
-
-
 def _geometry(video_shape, frames, length, pixels, patch_size, norm_pix) -> dict:
     """The keyword arguments both loss kernels take after their tensors: the video's and the
     patches' geometry, the constexprs and the launch parameters."""
@@ -401,13 +393,14 @@ def _inverse_mask_sum(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _state_like(pred, mask, dtype, all_patches):
-    """The saved state's tensors, ``torch.empty``: residual ``[N*L, P]``, mean and rstd
-    ``[N*L]``, and each patch's MSE (``[N*L]`` with all_patches, else ``[0]``)."""
+    """The saved state's tensors: residual ``[N*L, P]`` (empty), mean and rstd ``[N*L]``
+    (zeros: 0 where a patch is not read), and each patch's MSE (empty; ``[N*L]`` with
+    all_patches, else ``[0]``)."""
     rows, pixels = mask.numel(), pred.shape[-1]
     return (
         pred.new_empty(rows, pixels, dtype=dtype),
-        pred.new_empty(rows, dtype=dtype),
-        pred.new_empty(rows, dtype=dtype),
+        pred.new_zeros(rows, dtype=dtype),
+        pred.new_zeros(rows, dtype=dtype),
         pred.new_empty(rows if all_patches else 0, dtype=dtype),
     )
 
@@ -436,7 +429,6 @@ def masked_pixel_loss_op(
     dtype = accumulation_dtype(imgs, pred, mask)
     weight = mask.reshape(-1).to(dtype, copy=True)
     state = _state_like(pred, mask, dtype, all_patches)
-    state[1].zero_(), state[2].zero_()  # mean and rstd: 0 where not read
     path = _loss_forward_triton if use_triton else _loss_forward_torch
     total = path(video, frames, pred, weight, patch_size, norm_pix, all_patches, state)
     loss_state = total * _inverse_mask_sum(weight)
@@ -477,7 +469,7 @@ def masked_pixel_loss_backward_op(
     ``imgs_shape``, or an empty tensor when ``imgs`` is None; grad_pred ``[N, L, P]``
     contiguous, in ``pred_dtype``)."""
     video = None if imgs is None else as_video(imgs.contiguous(), patch_size)[0]
-    video_shape, patch_size = _video_geometry(imgs_shape, patch_size)
+    video_shape, patch_size = video_geometry(imgs_shape, patch_size)
     grad_pred = residual.new_empty(imgs_shape[0], length, residual.shape[1], dtype=pred_dtype)
     geometry = (video_shape, length, patch_size, norm_pix)
     path = _loss_backward_triton if use_triton else _loss_backward_torch

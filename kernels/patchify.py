@@ -114,9 +114,16 @@ def launch_config(channels: int, patch_size) -> dict:
 
 def as_video(imgs: Tensor, patch_size):
     """``(imgs as [N, C, F, H, W], patch size as (u, ph, pw))``: an image is one frame."""
-    if imgs.dim() == 4:
-        return imgs.unsqueeze(2), (1, *patch_size)
-    return imgs, tuple(patch_size)
+    shape, patch_size = video_geometry(imgs.shape, patch_size)
+    return imgs.view(shape), patch_size
+
+
+def video_geometry(shape, patch_size):
+    """:func:`as_video` for a shape: ``(shape as [N, C, F, H, W], patch size as (u, ph, pw))``."""
+    if len(shape) == 4:
+        n, c, height, width = shape
+        return [n, c, 1, height, width], (1, *patch_size)
+    return list(shape), tuple(patch_size)
 
 
 def _copy_patches_triton(video, patches, ids, patch_size, channel_last: bool, to_image: bool):

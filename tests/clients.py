@@ -17,22 +17,9 @@ import fastmae
 import fastmae.video
 from fastmae import reference
 from fastmae.video import reference as video_reference
-from tests.helpers import TINY, TINY_CLIP
+from tests.helpers import TINY, TINY_CLIP, TINY_VITMAE
 
 FAMILIES = ("image", "video", "hf")
-# Tiny Hugging Face ViTMAE: 16 x 16 images of 4 x 4 patches, as the image family.
-TINY_VITMAE = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    decoder_hidden_size=24,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=48,
-)
 
 
 @dataclass
@@ -75,7 +62,9 @@ def make_family(name: str, norm_pix_loss: bool = True) -> Family:
         from fastmae.hf import apply_fastmae
 
         torch.manual_seed(0)
-        config = transformers.ViTMAEConfig(**TINY_VITMAE, norm_pix_loss=norm_pix_loss)
+        config = transformers.ViTMAEConfig(
+            **TINY_VITMAE, image_size=16, patch_size=4, norm_pix_loss=norm_pix_loss
+        )
         oracle = transformers.ViTMAEForPreTraining(config)
         fused = apply_fastmae(copy.deepcopy(oracle))
         return Family(oracle, fused, lambda n: torch.randn(n, 3, 16, 16), _call_hf, 16)

@@ -20,6 +20,17 @@ TINY = dict(
     decoder_num_heads=2,
     mlp_ratio=2.0,
 )
+# TINY in Hugging Face ViTMAE's names (image and patch sizes are the caller's).
+TINY_VITMAE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    decoder_hidden_size=24,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=48,
+)
 # A tiny clip for the video MAE: 4 frames of 8 x 8, tubelets of 2 x 4 x 4 (8 tokens).
 TINY_CLIP = dict(img_size=8, patch_size=4, num_frames=4, t_patch_size=2, pred_t_dim=2)
 

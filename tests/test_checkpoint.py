@@ -13,7 +13,7 @@ from torch import nn
 import fastmae
 from fastmae import reference
 from fastmae.checkpoint import load_checkpoint, save_checkpoint
-from tests.helpers import TINY, rel_err
+from tests.helpers import TINY, TINY_VITMAE, rel_err
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=3, **TINY)
 
@@ -272,14 +272,7 @@ def test_files_that_are_not_checkpoints(tmp_path, write, message):
 def test_against_transformers_vitmae(norm_pix):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTMAEConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        decoder_hidden_size=24,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=48,
+        **TINY_VITMAE,
         image_size=8,
         patch_size=2,
         num_channels=3,

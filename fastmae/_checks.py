@@ -61,8 +61,16 @@ def check_images(imgs, in_chans: int | None, img_size: tuple[int, int] | None) -
 
 def dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> bool:
     """Outside autocast, the images must have the dtype of the model's parameters, as the
-    official convolution requires; under autocast any floating dtype is cast as it would be."""
-    return imgs.dtype == weight.dtype or torch.is_autocast_enabled(imgs.device.type)
+    official convolution requires; under autocast any floating dtype is cast as it would be.
+
+    A weight that is still a shard (a DTensor: FSDP2 gathers it in its own module's forward,
+    where mixed precision may give it another dtype) is checked there, not here.
+    """
+    return (
+        imgs.dtype == weight.dtype
+        or torch.is_autocast_enabled(imgs.device.type)
+        or type(weight).__name__ == "DTensor"
+    )
 
 
 def check_dtype_matches(imgs: torch.Tensor, weight: torch.Tensor) -> None:

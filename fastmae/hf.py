@@ -10,7 +10,8 @@
 What runs fused (the same ops as the drop-in model, on the same backends):
 - the encoder input: the mask drawn from ``noise`` (HF's ``random_masking``, with the config's
   ``mask_ratio``), the patch embedding of the kept patches only, the position add and the cls
-  token (``ViTMAEEmbeddings.forward``);
+  token (``ViTMAEEmbeddings.forward``; the kernel that reads the projection's weight runs in
+  the projection's own forward, so FSDP2 may shard any module on the way);
 - the decoder input: the unshuffle with ``mask_token`` and ``decoder_pos_embed`` in one pass
   (``ViTMAEDecoder.forward``, whose layers, norm and prediction stay HF's);
 - the loss with ``config.norm_pix_loss``, read from ``pixel_values`` without a patchified copy.
@@ -41,6 +42,7 @@ import inspect
 import torch
 
 from fastmae import _checks, functional
+from fastmae.layers import project_patches
 
 try:
     from transformers.models.vit_mae import modeling_vit_mae as hf_vitmae
@@ -51,6 +53,8 @@ __all__ = ["apply_fastmae", "patch_vitmae", "unpatch_vitmae"]
 
 # HF's own methods, kept before any patching: the fallbacks call them, unpatch restores them.
 _ORIGINAL = {
+    (hf_vitmae.ViTMAEPatchEmbeddings, "__init__"): hf_vitmae.ViTMAEPatchEmbeddings.__init__,
+    (hf_vitmae.ViTMAEPatchEmbeddings, "forward"): hf_vitmae.ViTMAEPatchEmbeddings.forward,
     (hf_vitmae.ViTMAEEmbeddings, "forward"): hf_vitmae.ViTMAEEmbeddings.forward,
     (hf_vitmae.ViTMAEDecoder, "forward"): hf_vitmae.ViTMAEDecoder.forward,
 }
@@ -124,11 +128,43 @@ def _embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding
     if noise is None:  # HF's draw, at the same point of the random stream
         noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
     ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
-    proj = self.patch_embeddings.projection
-    embeddings = functional._embed_visible_patches(
-        pixel_values, ids_keep, proj.weight, proj.bias, self.cls_token, self.position_embeddings
+    embeddings = self.patch_embeddings(
+        pixel_values,
+        ids_keep=ids_keep,
+        cls_token=self.cls_token,
+        pos_embed=self.position_embeddings,
     )
     return embeddings, mask, ids_restore
+
+
+def _patch_embeddings_forward(self, pixel_values, *args, ids_keep=None, cls_token=None, **kw):
+    """``ViTMAEPatchEmbeddings.forward``, HF's; with ``ids_keep``, the fused encoder input
+    ``[N, 1+K, D]`` of :func:`fastmae.layers.project_patches` (``kw`` then holds
+    ``pos_embed``), computed in the projection's own forward where that has been patched (so
+    that FSDP2 gathers a projection sharded on its own around the kernel that reads it)."""
+    if ids_keep is None:
+        return _original(hf_vitmae.ViTMAEPatchEmbeddings, "forward")(
+            self, pixel_values, *args, **kw
+        )
+    projection = self.projection
+    forward = vars(projection).get("forward")
+    if isinstance(forward, functools.partial) and forward.func is project_patches:
+        return projection(pixel_values, ids_keep, cls_token, kw["pos_embed"])
+    return project_patches(projection, pixel_values, ids_keep, cls_token, kw["pos_embed"])
+
+
+def _install_projection_forward(patch_embeddings) -> None:
+    """The projection's forward becomes :func:`fastmae.layers.project_patches` (the same
+    convolution without ``ids_keep``)."""
+    projection = patch_embeddings.projection
+    projection.forward = functools.partial(project_patches, projection)
+
+
+def _patch_embeddings_init(self, *args, **kwargs):
+    """``ViTMAEPatchEmbeddings.__init__`` under :func:`patch_vitmae`: HF's, then the
+    projection's forward as :func:`apply_fastmae` sets it."""
+    _original(hf_vitmae.ViTMAEPatchEmbeddings, "__init__")(self, *args, **kwargs)
+    _install_projection_forward(self)
 
 
 def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
@@ -264,6 +300,8 @@ def _tuple_capable(forward):
 _pretraining_forward = _tuple_capable(_pretraining_forward)
 
 _FUSED = {
+    (hf_vitmae.ViTMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
+    (hf_vitmae.ViTMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
     (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
     (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
     (hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD): (
@@ -287,23 +325,23 @@ def apply_fastmae(model):
     for what falls back to HF's code. Raises TypeError for any other class.
     """
     if isinstance(model, hf_vitmae.ViTMAEForPreTraining):
-        targets = {
-            hf_vitmae.ViTMAEEmbeddings: model.vit.embeddings,
-            hf_vitmae.ViTMAEDecoder: model.decoder,
-            hf_vitmae.ViTMAEForPreTraining: model,
-        }
+        embeddings = model.vit.embeddings
+        targets = {hf_vitmae.ViTMAEDecoder: model.decoder, hf_vitmae.ViTMAEForPreTraining: model}
     elif isinstance(model, hf_vitmae.ViTMAEModel):
-        targets = {hf_vitmae.ViTMAEEmbeddings: model.embeddings}
+        embeddings, targets = model.embeddings, {}
     else:
         raise TypeError(
             "fastmae.hf.apply_fastmae takes a transformers ViTMAEForPreTraining or ViTMAEModel, "
             f"got {type(model).__module__}.{type(model).__qualname__}"
         )
+    targets[hf_vitmae.ViTMAEEmbeddings] = embeddings
+    targets[hf_vitmae.ViTMAEPatchEmbeddings] = embeddings.patch_embeddings
     for (cls, name), fused in _FUSED.items():
-        if cls in targets:
+        if cls in targets and name != "__init__":
             # A partial of a module-level function pickles and deep-copies with the model, and
             # the copy keeps the fused ops (a bound method would pickle as a lookup by name).
             setattr(targets[cls], name, functools.partial(fused, targets[cls]))
+    _install_projection_forward(embeddings.patch_embeddings)
     return model
 
 

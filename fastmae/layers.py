@@ -15,6 +15,52 @@ from torch import nn
 from fastmae._checks import to_2tuple
 
 
+def project_patches(conv, imgs, ids_keep=None, cls_token=None, pos_embed=None):
+    """The forward of a patch embedding's convolution (kernel = stride = the patch), and its
+    fused form.
+
+    - ``ids_keep`` None: the convolution, ``[N, C, (T,) H, W]`` -> ``[N, D, (t,) h, w]``.
+    - ``ids_keep [N, K]``: only the kept patches, embedded by one gather + GEMM, plus their
+      positions ``pos_embed[S + id]``, after the cls token (``cls_token`` + ``pos_embed[0]``,
+      S = 1) when ``cls_token`` is given: ``[N, S+K, D]``. ``pos_embed`` is ``[1, S+L, D]`` or
+      ``[S+L, D]``.
+
+    The kernel reads the weight here, in the convolution's own forward, because a wrapper that
+    acts around a module's forward (FSDP2 gathers sharded parameters there) only makes the
+    weight whole for that forward.
+    """
+    if ids_keep is None:
+        return conv._conv_forward(imgs, conv.weight, conv.bias)
+    from fastmae import _checks, functional  # fastmae.functional imports this module
+
+    _checks.check_dtype_matches(imgs, conv.weight)
+    return functional._embed_visible_patches(
+        imgs, ids_keep, conv.weight, conv.bias, cls_token, pos_embed
+    )
+
+
+class PatchConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state_dict) whose forward also takes the fused form
+    of :func:`project_patches`."""
+
+    forward = project_patches
+
+
+class PatchConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose forward also takes the fused form of :func:`project_patches`."""
+
+    forward = project_patches
+
+
+def takes_kept_patches(patch_embed: nn.Module) -> bool:
+    """Whether ``patch_embed(imgs, ids_keep, ...)`` runs the fused form: a fastmae
+    :class:`PatchEmbed`/:class:`PatchEmbed3d` (or the class FSDP2 derives from one) with its
+    own forward and projection, not a custom patch embedding."""
+    return type(patch_embed).forward in (PatchEmbed.forward, PatchEmbed3d.forward) and (
+        type(getattr(patch_embed, "proj", None)).forward is project_patches
+    )
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens: a stride-``p`` convolution, flattened to ``[N, L, D]``.
 
@@ -39,12 +85,16 @@ class PatchEmbed(nn.Module):
         )
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(
+        self.proj = PatchConv2d(
             in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size
         )
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs ``[N, C, H, W]`` -> tokens ``[N, L, D]`` in row-major patch order."""
+    def forward(self, imgs, ids_keep=None, cls_token=None, pos_embed=None) -> torch.Tensor:
+        """imgs ``[N, C, H, W]`` -> tokens ``[N, L, D]`` in row-major patch order; with
+        ``ids_keep``, the kept patches' encoder input ``[N, 1+K, D]`` (see
+        :func:`project_patches`)."""
+        if ids_keep is not None:
+            return self.proj(imgs, ids_keep, cls_token, pos_embed)
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
@@ -81,10 +131,13 @@ class PatchEmbed3d(nn.Module):
         self.grid_size = grid_h
         self.t_grid_size = self.input_size[0]
         kernel = (t_patch_size, *self.patch_size)
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+        self.proj = PatchConv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[N, C, T, H, W]`` -> tokens ``[N, T/u, h*w, D]``."""
+    def forward(self, x, ids_keep=None, cls_token=None, pos_embed=None) -> torch.Tensor:
+        """x ``[N, C, T, H, W]`` -> tokens ``[N, T/u, h*w, D]``; with ``ids_keep``, the kept
+        tubelets' encoder input ``[N, S+K, D]`` (see :func:`project_patches`)."""
+        if ids_keep is not None:
+            return self.proj(x, ids_keep, cls_token, pos_embed)
         return self.proj(x).flatten(3).permute(0, 2, 3, 1)
 
 

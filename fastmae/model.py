@@ -72,10 +72,8 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
         if noise is None:
             noise = draw_noise(n, num_patches, imgs.device)
         ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
-        proj = self.patch_embed.proj
-        x = functional._embed_visible_patches(
-            imgs, ids_keep, proj.weight, proj.bias, self.cls_token, self.pos_embed
-        )
+        # Through the modules' own forwards, where FSDP2 gathers their weights.
+        x = self.patch_embed(imgs, ids_keep, self.cls_token, self.pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore

@@ -12,9 +12,9 @@ One training step, top to bottom (:meth:`MaskedAutoencoderViT.forward`):
    predicted frames of the video: no ``index_select`` copy, no patchified copy.
 
 A custom ``patch_embed`` class (mae_st's constructor argument) is built as mae_st builds it.
-If it is not :class:`fastmae.layers.PatchEmbed3d` (whose Conv3d the fused gather + GEMM
-replaces), the encoder runs the module's own forward on every tubelet and fuses only the
-masking and the position add after it.
+If it is not :class:`fastmae.layers.PatchEmbed3d` (whose Conv3d runs the fused gather + GEMM
+in its own forward), the encoder runs the module's own forward on every tubelet and fuses only
+the masking and the position add after it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from fastmae import _checks, functional
 from fastmae.base import draw_noise, make_factories
-from fastmae.layers import PatchEmbed3d
+from fastmae.layers import takes_kept_patches
 from fastmae.model import FusedSteps, random_masking_with_ids
 from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
 
@@ -44,11 +44,8 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
         cls_token = self.cls_token if self.cls_embed else None
         positions = self.position_table()
-        if type(self.patch_embed) is PatchEmbed3d:
-            proj = self.patch_embed.proj
-            x = functional._embed_visible_patches(
-                imgs, ids_keep, proj.weight, proj.bias, cls_token, positions
-            )
+        if takes_kept_patches(self.patch_embed):
+            x = self.patch_embed(imgs, ids_keep, cls_token, positions)
         else:
             tokens = self.patch_embed(imgs).reshape(n, length, -1)
             kept = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[2]))

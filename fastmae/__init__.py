@@ -6,8 +6,8 @@
 """
 
 from fastmae import functional, reference
+from fastmae.blocks import checkpoint_blocks, compile_blocks
 from fastmae.checkpoint import load_checkpoint, save_checkpoint
-from fastmae.compile import compile_blocks
 from fastmae.dispatch import get_backend, set_backend, use_backend
 from fastmae.model import (
     MaskedAutoencoderViT,
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaskedAutoencoderViT",
+    "checkpoint_blocks",
     "compile_blocks",
     "functional",
     "get_backend",

@@ -1,13 +1,11 @@
-"""fastmae in real training setups: torch.compile, autocast, DDP, and no host synchronisation."""
+"""fastmae in real training setups: torch.compile, autocast, and no host synchronisation
+(DDP and FSDP2: tests/test_distributed.py)."""
 
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastmae
 import fastmae.video
@@ -217,49 +215,6 @@ def test_no_host_synchronisation_in_a_step(kind):
         torch.nonzero = original_nonzero
     assert calls == []
     assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None)
-
-
-def ddp_worker(rank, world, workdir, state, imgs, noise):
-    """One DDP rank; rank 0 writes its parameter gradients to ``workdir/grads.pt``.
-
-    The rendezvous is a FileStore in ``workdir`` rather than a TCP port: a port chosen before
-    spawning can be taken by the time the workers bind it, and a TCPStore server owned by rank 0
-    can go away while rank 1 still talks to it. The closing barrier makes both ranks finish
-    every collective before either tears gloo down, so neither exits with gloo threads alive
-    (which ended a worker in std::terminate about once in ten runs).
-    """
-    store = dist.FileStore(os.path.join(workdir, "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        model = fastmae.MaskedAutoencoderViT(**CONFIG)
-        model.load_state_dict(state)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        half = imgs.shape[0] // world
-        rows = slice(rank * half, (rank + 1) * half)
-        loss_value, _, _ = ddp(imgs[rows], mask_ratio=0.75, noise=noise[rows])
-        loss_value.backward()
-        if rank == 0:
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            torch.save(grads, os.path.join(workdir, "grads.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_gradients_equal_single_process(tmp_path):
-    _, fused = twins()
-    imgs, noise = torch.randn(4, 3, 8, 12), torch.rand(4, 24)
-    single = step(fused, imgs, noise)[3]
-    mp.spawn(
-        ddp_worker,
-        args=(2, str(tmp_path), fused.state_dict(), imgs, noise),
-        nprocs=2,
-        join=True,
-    )
-    averaged = torch.load(tmp_path / "grads.pt", weights_only=True)
-    assert averaged.keys() == single.keys()
-    for name, grad in single.items():
-        assert rel_err(averaged[name], grad) <= 1e-5, name
 
 
 def test_compile_caches_are_keyed_by_the_op_sources():

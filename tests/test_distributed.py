@@ -1,0 +1,172 @@
+"""fastmae across processes, as users scale out: DDP and FSDP2 (``fully_shard``) on 2 gloo ranks
+on the CPU, for the image, video and Hugging Face families, with activation checkpointing and
+regional compilation. Every case's gathered gradients must equal the single-process oracle's on
+the same global batch (fp32 with 2 ranks averages exactly, up to rounding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.blocks import transformer_blocks
+from tests.clients import FAMILIES, make_family
+from tests.helpers import assert_tensors_match, rel_err
+from tests.multiprocess import fsdp2, run_on_ranks
+
+WORLD_SIZE = 2
+BATCH = 4  # the global batch: 2 images per rank
+
+
+@dataclass(frozen=True)
+class Case:
+    policy: str = "blocks"  # which modules get their own fully_shard before the root's
+    reshard_after_forward: bool = True
+    bf16_params: bool = False  # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+    checkpoint: str | None = None  # fastmae.checkpoint_blocks mode
+    compile_blocks: bool = False
+
+
+POLICIES = ("blocks", "blocks and patch embedding", "every module with parameters")
+FSDP_CASES = {
+    **{
+        f"{policy}, reshard_after_forward={reshard}": Case(policy, reshard)
+        for policy in POLICIES
+        for reshard in (True, False)
+    },
+    "every module with parameters, bf16 parameters": Case(POLICIES[2], bf16_params=True),
+    "every module with parameters, checkpoint full": Case(POLICIES[2], checkpoint="full"),
+    "blocks and patch embedding, checkpoint selective": Case(POLICIES[1], checkpoint="selective"),
+}
+# Inductor compiles on each rank: one case, for the image family, keeps the suite short.
+COMPILE_CASE = {
+    "blocks, compile_blocks and checkpoint selective": Case(
+        compile_blocks=True, checkpoint="selective"
+    )
+}
+
+
+def patch_embedding(model):
+    return model.vit.embeddings.patch_embeddings if hasattr(model, "vit") else model.patch_embed
+
+
+def sharding_units(model, policy: str) -> list:
+    """The modules that get their own ``fully_shard`` before the root's, innermost first."""
+    blocks = transformer_blocks(model, "sharding_units")
+    if policy == "blocks":
+        return blocks
+    if policy == "blocks and patch embedding":
+        return [*blocks, patch_embedding(model)]
+    # What a user who shards every module owning parameters does: children before parents.
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    return [m for m in reversed(owners) if m is not model]
+
+
+def rank_rows(rank: int) -> slice:
+    share = BATCH // WORLD_SIZE
+    return slice(rank * share, (rank + 1) * share)
+
+
+def gathered_gradients(model) -> dict:
+    """Every parameter's full gradient (a collective: every rank calls it)."""
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def fsdp_worker(rank, world_size, family_name, cases, imgs, noise):
+    """Each case on a fresh model pair: the fastmae model sharded as the case says (and the
+    oracle too under bf16 parameters, as the yardstick); rank 0 returns the gradients."""
+    fully_shard, MixedPrecisionPolicy = fsdp2()
+    results = {}
+    for name, case in cases.items():
+        family = make_family(family_name)
+        roles = {"fused": family.fused, **({"oracle": family.oracle} if case.bf16_params else {})}
+        for role, model in roles.items():
+            if case.checkpoint:
+                fastmae.checkpoint_blocks(model, case.checkpoint)
+            if case.compile_blocks:
+                fastmae.compile_blocks(model)
+            precision = MixedPrecisionPolicy(
+                **(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+                if case.bf16_params
+                else {}
+            )
+            options = dict(reshard_after_forward=case.reshard_after_forward, mp_policy=precision)
+            for unit in sharding_units(model, case.policy):
+                fully_shard(unit, **options)
+            fully_shard(model, **options)
+            rows = rank_rows(rank)
+            loss, _, _ = family.call(model, imgs[rows], noise[rows])
+            loss.backward()
+            grads = gathered_gradients(model)
+            results[name, role] = grads if rank == 0 else None
+    return results
+
+
+def single_process_gradients(model, call, imgs, noise) -> dict:
+    model.zero_grad()
+    loss, _, _ = call(model, imgs, noise)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_fsdp2_gradients_equal_single_process(family_name, tmp_path, fresh_seed):
+    cases = {**FSDP_CASES, **(COMPILE_CASE if family_name == "image" else {})}
+    family = make_family(family_name)  # seeds its weights: reseed for fresh inputs
+    torch.manual_seed(fresh_seed)
+    imgs, noise = family.sample(BATCH), torch.rand(BATCH, family.noise_length)
+    expected = single_process_gradients(family.oracle, family.call, imgs, noise)
+    results = run_on_ranks(fsdp_worker, tmp_path, family_name, cases, imgs, noise)[0]
+    failures = []
+    for name, case in cases.items():
+        got = results[name, "fused"]
+        try:
+            if case.bf16_params:
+                # Within twice the oracle's own error under the same policy (plus slack).
+                oracle_bf16 = results[name, "oracle"]
+                assert got.keys() == expected.keys()
+                for param, grad in expected.items():
+                    limit = 2 * rel_err(oracle_bf16[param], grad) + 1e-3
+                    assert rel_err(got[param], grad) <= limit, param
+            else:
+                assert_tensors_match(got, expected)
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+DDP_CASES = {"plain": None, "checkpoint full": "full", "checkpoint selective": "selective"}
+
+
+def ddp_worker(rank, world_size, imgs_by_family, noise_by_family):
+    results = {}
+    for family_name in FAMILIES:
+        for name, checkpoint in DDP_CASES.items():
+            family = make_family(family_name)
+            if checkpoint:
+                fastmae.checkpoint_blocks(family.fused, checkpoint)
+            ddp = torch.nn.parallel.DistributedDataParallel(family.fused)
+            rows = rank_rows(rank)
+            imgs, noise = imgs_by_family[family_name], noise_by_family[family_name]
+            loss, _, _ = family.call(ddp, imgs[rows], noise[rows])
+            loss.backward()
+            grads = {n: p.grad for n, p in family.fused.named_parameters() if p.grad is not None}
+            results[family_name, name] = grads if rank == 0 else None
+    return results
+
+
+def test_ddp_gradients_equal_single_process(tmp_path, fresh_seed):
+    families = {name: make_family(name) for name in FAMILIES}
+    torch.manual_seed(fresh_seed)
+    imgs = {name: family.sample(BATCH) for name, family in families.items()}
+    noise = {name: torch.rand(BATCH, family.noise_length) for name, family in families.items()}
+    results = run_on_ranks(ddp_worker, tmp_path, imgs, noise)[0]
+    for family_name, family in families.items():
+        call = family.call
+        expected = single_process_gradients(
+            family.oracle, call, imgs[family_name], noise[family_name]
+        )
+        for name in DDP_CASES:
+            assert_tensors_match(results[family_name, name], expected)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16]
                                  [--batch 8] [--dtype bf16|fp32] [--profile h100-sxm]
+    python -m benchmarks.account --memory [--ranks 8]
 
 A ``video.`` model is mae_st's, at its default clip (16 frames, tubelets of 2, 224 px) and
 mask ratio 0.9; image models run at mask ratio 0.75.
@@ -23,6 +24,7 @@ numbers depend only on shapes and dtypes, so every run on every machine prints t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 import fastmae
 import fastmae.video
 from fastmae import reference
+from fastmae.blocks import CHECKPOINT_MODES, SELECTIVE_SAVED_OPS, transformer_blocks
 from fastmae.kernels._triton import FUSED_OPS
 
 REGIONS = (
@@ -153,6 +156,10 @@ class Accountant(TorchDispatchMode):
         # could otherwise be reused by an activation, which would then be skipped as one of them.
         self.keep_alive = []
         self.region = REGIONS[0]
+        # Inside a block under checkpoint_blocks(mode="selective"), the outputs the policy
+        # keeps are saved activations that autograd's hooks never see: counted here (set in
+        # a block's forward only; backward recomputes without keeping).
+        self.save_selected: callable | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,6 +168,9 @@ class Accountant(TorchDispatchMode):
             out = shapes_only(func, args, kwargs)
         else:
             out = func(*args, **kwargs)  # a fused op runs whole: its inner ops are not seen
+        if self.save_selected is not None and func in SELECTIVE_SAVED_OPS:
+            for tensor in tensors_in(out):
+                self.save_selected(tensor)
         if name in FUSED_OPS:
             moved, flops = FUSED_OPS[name].bytes(*args, outputs=out, **kwargs), 0
             self.tally.fused[name] += moved
@@ -216,10 +226,25 @@ def region_hooks(model, accountant: Accountant):
     return handles
 
 
-def account_step(model, imgs, dtype: str, profile: dict, mask_ratio: float = 0.75) -> Tally:
+def account_step(
+    model,
+    imgs,
+    dtype: str,
+    profile: dict,
+    mask_ratio: float = 0.75,
+    checkpoint=None,
+    backward: bool = True,
+) -> Tally:
     """One forward+backward of ``model`` on ``imgs``, counted. Saved tensors that are the
     parameters, autocast's weight copies or the input batch (which the training loop holds
-    anyway) cost no activation memory and are left out, for both models alike."""
+    anyway) cost no activation memory and are left out, for both models alike.
+
+    ``checkpoint``: the mode ``fastmae.checkpoint_blocks`` gave the model's blocks ("full",
+    "selective"), or None. Autograd's hooks see nothing inside a checkpointed block; what
+    checkpointing keeps is counted where it is kept: each block's input, and under
+    "selective" the outputs of the ops its policy saves. Recomputation counts as traffic.
+    ``backward=False`` counts the forward only (all that decides the saved activations).
+    """
     tally = Tally()
     peak = profile["peak"][dtype]
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -228,7 +253,7 @@ def account_step(model, imgs, dtype: str, profile: dict, mask_ratio: float = 0.7
     handles = region_hooks(model, accountant)
     saved_storages = set()
 
-    def pack(tensor):
+    def save(tensor):
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         skip = parameters | inputs | accountant.weight_casts
@@ -237,14 +262,28 @@ def account_step(model, imgs, dtype: str, profile: dict, mask_ratio: float = 0.7
             tally.saved[accountant.region] += storage.nbytes()
         return tensor
 
+    def enter_block(_, args):
+        save(args[0])
+        if checkpoint == "selective":
+            accountant.save_selected = save
+
+    def leave_block(*_):
+        accountant.save_selected = None
+
+    if checkpoint is not None:
+        for block in transformer_blocks(model, "account_step"):
+            handles.append(block.register_forward_pre_hook(enter_block))
+            handles.append(block.register_forward_hook(leave_block))
+
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     try:
-        with accountant, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with accountant, torch.autograd.graph.saved_tensors_hooks(save, lambda t: t):
             accountant.region = REGIONS[0]
             with autocast:
                 loss, _, _ = model(imgs, mask_ratio=mask_ratio)
             accountant.region = "prediction and loss"
-            loss.backward()
+            if backward:
+                loss.backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -261,6 +300,8 @@ def count_bytes(step, *args) -> int:
 
 
 README_TABLE = ("<!-- fused-op-table:start -->", "<!-- fused-op-table:end -->")
+MEMORY_TABLE = ("<!-- memory-table:start -->", "<!-- memory-table:end -->")
+REPOSITORY = os.path.join(os.path.dirname(__file__), "..")
 
 
 def fused_op_table(batch: int = 256, profile_name: str = "h100-sxm") -> str:
@@ -291,12 +332,12 @@ def fused_op_table(batch: int = 256, profile_name: str = "h100-sxm") -> str:
     return title + "\n\n" + per_image_table("", rows, header).lstrip("\n")
 
 
-def write_readme_table(path: str, table: str) -> None:
-    """Replace the text between the README_TABLE markers of ``path`` with ``table``."""
+def write_readme_table(path: str, table: str, markers=README_TABLE) -> None:
+    """Replace the text between the ``markers`` of ``path`` with ``table``."""
     with open(path) as f:
         text = f.read()
-    start, end = text.index(README_TABLE[0]), text.index(README_TABLE[1])
-    text = f"{text[: start + len(README_TABLE[0])]}\n{table}\n{text[end:]}"
+    start, end = text.index(markers[0]), text.index(markers[1])
+    text = f"{text[: start + len(markers[0])]}\n{table}\n{text[end:]}"
     with open(path, "w") as f:
         f.write(text)
 
@@ -422,15 +463,131 @@ VIDEO_DEFAULT = dict(num_frames=16, t_patch_size=2, pred_t_dim=8)
 VIDEO_RATIO = 0.9
 
 
-def build(impl: str, model_name: str):
+def build(impl: str, model_name: str, **kwargs):
     """(model, mask ratio) for ``reference`` or ``fastmae``; ``video.<factory>`` names are
-    mae_st's models at its default clip and ratio 0.9."""
+    mae_st's models at its default clip and ratio 0.9. ``kwargs`` go to the factory."""
     torch.manual_seed(0)
     if model_name.startswith("video."):
         module = fastmae.video if impl == "fastmae" else fastmae.video.reference
-        return getattr(module, model_name.removeprefix("video."))(**VIDEO_DEFAULT), VIDEO_RATIO
+        factory = getattr(module, model_name.removeprefix("video."))
+        return factory(**{**VIDEO_DEFAULT, **kwargs}), VIDEO_RATIO
     module = fastmae if impl == "fastmae" else reference
-    return getattr(module, model_name)(), 0.75
+    return getattr(module, model_name)(**kwargs), 0.75
+
+
+def sample_batch(model, batch: int) -> torch.Tensor:
+    """A batch of the images (or clips) ``model`` takes."""
+    embed = model.patch_embed
+    frames = (embed.frames,) if hasattr(embed, "frames") else ()
+    torch.manual_seed(1)
+    return torch.randn(batch, embed.in_chans, *frames, *embed.img_size)
+
+
+# -- memory you can plan with ----------------------------------------------------------------
+
+MEMORY_MODELS = {  # label: (factory, factory kwargs)
+    "ViT-B/16, 224 px": ("mae_vit_base_patch16", {}),
+    "ViT-B/16, 448 px": ("mae_vit_base_patch16", dict(img_size=448)),
+    "ViT-L/16, 224 px": ("mae_vit_large_patch16", {}),
+    "ViT-L/16, 448 px": ("mae_vit_large_patch16", dict(img_size=448)),
+    "ViT-H/14, 224 px": ("mae_vit_huge_patch14", {}),
+    "ViT-H/14, 448 px": ("mae_vit_huge_patch14", dict(img_size=448)),
+    "mae_st ViT-L/16, 16 frames of 224 px": ("video.mae_vit_large_patch16", {}),
+}
+# Device memory as the driver reports it (nvidia-smi's total: 81559 MiB, 143771 MiB).
+GPU_MEMORY = {"H100 80 GB": 81559 * 2**20, "H200 141 GB": 143771 * 2**20}
+# What a batch may fill: the rest is for the CUDA context, the allocator's fragmentation and
+# the collectives' buffers.
+USABLE_FRACTION = 0.9
+MEMORY_MODES = ("eager", *CHECKPOINT_MODES)
+
+
+@dataclass
+class MemoryPlan:
+    """One model's memory in a bf16 FSDP2 + AdamW step (bytes).
+
+    ``per_image``: saved activations per image for each mode; ``working_per_image``: one
+    block's eager saved activations (live while that block runs backward, recomputed or not);
+    ``sharded``: fp32 parameters, fp32 gradients and AdamW's two fp32 moments, divided among
+    the ranks; ``gathered``: the largest block's bf16 parameters twice (in use and prefetched)
+    and its bf16 gradient, plus the root module's own bf16 parameters and gradients.
+    """
+
+    parameters: int
+    per_image: dict
+    working_per_image: int
+    sharded: int
+    gathered: int
+
+    def largest_batch(self, capacity: int, mode: str) -> int:
+        free = USABLE_FRACTION * capacity - self.sharded - self.gathered
+        return max(0, math.floor(free / (self.per_image[mode] + self.working_per_image)))
+
+
+def memory_plan(model_name: str, ranks: int, batch: int = 2, **kwargs) -> MemoryPlan:
+    """The :class:`MemoryPlan` of fastmae's ``model_name`` (a factory, ``video.`` for mae_st's)
+    under bf16 autocast, from one counted step per mode of a batch of ``batch``."""
+    model, ratio = build("fastmae", model_name, **kwargs)
+    imgs = sample_batch(model, batch)
+    profile = PROFILES["h100-sxm"]  # the roofline does not enter the memory
+    tallies = {}
+    with fastmae.use_backend("torch"):
+        for mode in MEMORY_MODES:  # eager first: then each mode in place
+            checkpoint = None if mode == "eager" else mode
+            if checkpoint:
+                fastmae.checkpoint_blocks(model, checkpoint)
+            tallies[mode] = account_step(
+                model, imgs, "bf16", profile, ratio, checkpoint, backward=False
+            )
+    per_image = {mode: sum(t.saved.values()) / batch for mode, t in tallies.items()}
+    eager = tallies["eager"].saved
+    working = max(
+        eager["encoder blocks"] / max(len(model.blocks), 1),
+        eager["decoder blocks"] / max(len(model.decoder_blocks), 1),
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    largest_block = max(
+        sum(p.numel() for p in block.parameters())
+        for block in transformer_blocks(model, "memory_plan")
+    )
+    root_own = sum(p.numel() for p in model.parameters(recurse=False))
+    return MemoryPlan(
+        parameters=parameters,
+        per_image=per_image,
+        working_per_image=int(working / batch),
+        sharded=(4 * parameters + 4 * trainable + 8 * trainable) // ranks,
+        gathered=2 * (3 * largest_block + 2 * root_own),
+    )
+
+
+def memory_table(ranks: int = 8, models=None) -> str:
+    """The memory table: per image saved activations by mode, per GPU states under FSDP2 on
+    ``ranks`` ranks, and the largest batch per GPU that fits each GPU's memory."""
+    labels = list(models or MEMORY_MODELS)
+    header = ["model", "params", *(f"{m} MB/img" for m in MEMORY_MODES), "states GB/GPU"]
+    for gpu in GPU_MEMORY:
+        header.append(f"batch/GPU {gpu} ({', '.join(MEMORY_MODES)})")
+    rows = []
+    for label in labels:
+        factory, kwargs = MEMORY_MODELS[label]
+        plan = memory_plan(factory, ranks, **kwargs)
+        row = [label, f"{plan.parameters / 1e6:.0f}M"]
+        row += [mb(plan.per_image[mode]) for mode in MEMORY_MODES]
+        row.append(f"{(plan.sharded + plan.gathered) / 1e9:.2f}")
+        for capacity in GPU_MEMORY.values():
+            row.append(" / ".join(str(plan.largest_batch(capacity, m)) for m in MEMORY_MODES))
+        rows.append(row)
+    title = (
+        f"Memory of a fastmae training step: bf16 autocast, FSDP2 on {ranks} GPUs "
+        "(fp32 parameters, gradients and AdamW moments sharded; bf16 gathered blocks), image "
+        "mask ratio 0.75, video 0.9 (`python -m benchmarks.account --memory`). MB/img: saved "
+        "activations per image (per clip for video). batch/GPU: the largest batch that fits "
+        f"{USABLE_FRACTION:.0%} of the device's memory, counting one block's eager "
+        "activations as live during its backward. A model computed from shapes, not a "
+        "measurement."
+    )
+    return title + "\n\n" + per_image_table("", rows, header).lstrip("\n")
 
 
 def main(argv=None) -> str:
@@ -440,14 +597,25 @@ def main(argv=None) -> str:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="h100-sxm")
     parser.add_argument(
-        "--readme", action="store_true", help="rewrite kernels/README.md's fused-op byte table"
+        "--readme",
+        action="store_true",
+        help="rewrite kernels/README.md's fused-op byte table (with --memory: README.md's "
+        "memory table)",
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="print the memory table (saved activations, batch)"
+    )
+    parser.add_argument("--ranks", type=int, default=8, help="FSDP2 ranks for --memory")
     options = parser.parse_args(argv)
+    if options.memory:
+        table = memory_table(options.ranks)
+        if options.readme:
+            write_readme_table(os.path.join(REPOSITORY, "README.md"), table, MEMORY_TABLE)
+        print(table)
+        return table
     if options.readme:
         table = fused_op_table(profile_name=options.profile)
-        write_readme_table(
-            os.path.join(os.path.dirname(__file__), "..", "kernels", "README.md"), table
-        )
+        write_readme_table(os.path.join(REPOSITORY, "kernels", "README.md"), table)
         print(table)
         return table
     sections = []
@@ -455,10 +623,7 @@ def main(argv=None) -> str:
         tallies = {}
         for impl in ("reference", "fastmae"):
             model, ratio = build(impl, model_name)
-            embed = model.patch_embed
-            frames = (embed.frames,) if model_name.startswith("video.") else ()
-            torch.manual_seed(1)
-            imgs = torch.randn(options.batch, model.patch_embed.in_chans, *frames, *embed.img_size)
+            imgs = sample_batch(model, options.batch)
             profile = PROFILES[options.profile]
             with fastmae.use_backend("torch"):
                 tallies[impl] = account_step(model, imgs, options.dtype, profile, ratio)

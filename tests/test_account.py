@@ -99,3 +99,72 @@ def test_video_step_accounting_shows_the_fused_regions():
     for region in ("encoder blocks", "decoder blocks"):
         assert region_bytes(fused, region) == region_bytes(ref, region), region
     assert "per clip" in account.report("video.tiny", tallies, 3, "fp32", "h100-sxm")
+
+
+def test_checkpointed_saved_activations_are_what_checkpointing_keeps():
+    """Under checkpoint_blocks, the saved activations are counted where checkpointing keeps
+    them: "full" keeps each block's input (and the final norms save what they save in any
+    mode); "selective" keeps more than "full" and less than eager."""
+    torch.manual_seed(0)
+    model = fastmae.MaskedAutoencoderViT(**CONFIG)
+    imgs, batch = torch.randn(4, 3, 8, 12), 4
+    saved = {}
+    with fastmae.use_backend("torch"):
+        for mode in ("eager", "full", "selective"):
+            if mode != "eager":
+                fastmae.checkpoint_blocks(model, mode)
+            checkpoint = None if mode == "eager" else mode
+            profile = account.PROFILES["h100-sxm"]
+            tally = account.account_step(model, imgs, "fp32", profile, 0.75, checkpoint, False)
+            saved[mode] = dict(tally.saved)
+    num_patches, kept = 24, 6  # an 8 x 12 image in patches of 2, ratio 0.75
+
+    def kept_by_full(tokens, width, depth):
+        # fp32: each block's input, then LayerNorm's input, mean and rstd
+        return depth * batch * tokens * width * 4 + batch * tokens * (width + 2) * 4
+
+    assert saved["full"]["encoder blocks"] == kept_by_full(1 + kept, 32, TINY["depth"])
+    decoder_tokens, decoder_width = 1 + num_patches, TINY["decoder_embed_dim"]
+    assert saved["full"]["decoder blocks"] == kept_by_full(
+        decoder_tokens, decoder_width, TINY["decoder_depth"]
+    )
+    for region in ("encoder blocks", "decoder blocks"):
+        assert saved["full"][region] < saved["selective"][region] < saved["eager"][region]
+    for region in account.FUSED_REGIONS:  # outside the blocks nothing changes
+        assert saved["full"][region] == saved["selective"][region] == saved["eager"][region]
+
+
+def test_memory_plan_counts_states_and_batches():
+    ranks = 4
+    plan = account.memory_plan("mae_vit_base_patch16", ranks, img_size=32, depth=1, decoder_depth=1)
+    model, _ = account.build(
+        "fastmae", "mae_vit_base_patch16", img_size=32, depth=1, decoder_depth=1
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.parameters == parameters
+    # fp32 parameters, fp32 gradients, AdamW's two fp32 moments, sharded over the ranks
+    assert plan.sharded == (4 * parameters + 12 * trainable) // ranks
+    assert plan.per_image["full"] < plan.per_image["selective"] < plan.per_image["eager"]
+    h100, h200 = account.GPU_MEMORY.values()
+    for mode in account.MEMORY_MODES:
+        batch = plan.largest_batch(h100, mode)
+        per_image = plan.per_image[mode] + plan.working_per_image
+        fixed = plan.sharded + plan.gathered
+        assert fixed + batch * per_image <= account.USABLE_FRACTION * h100
+        assert fixed + (batch + 1) * per_image > account.USABLE_FRACTION * h100
+        assert plan.largest_batch(h200, mode) > batch
+
+
+def test_readme_memory_table_is_current():
+    """README.md's memory table is what python -m benchmarks.account --memory prints today
+    (checked on its first row, the quickest to count)."""
+    readme = (pathlib.Path(account.__file__).parent.parent / "README.md").read_text()
+    start, end = (readme.index(marker) for marker in account.MEMORY_TABLE)
+    printed = readme[start + len(account.MEMORY_TABLE[0]) : end].strip().splitlines()
+    first = next(iter(account.MEMORY_MODELS))
+    expected = account.memory_table(models=[first]).splitlines()
+    assert printed[: len(expected)] == expected, (
+        "run python -m benchmarks.account --memory --readme"
+    )
+    assert len(printed) == len(expected) + len(account.MEMORY_MODELS) - 1

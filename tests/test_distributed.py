@@ -1,10 +1,16 @@
 """fastmae across processes, as users scale out: DDP and FSDP2 (``fully_shard``) on 2 gloo ranks
 on the CPU, for the image, video and Hugging Face families, with activation checkpointing and
 regional compilation. Every case's gathered gradients must equal the single-process oracle's on
-the same global batch (fp32 with 2 ranks averages exactly, up to rounding)."""
+the same global batch (fp32 with 2 ranks averages exactly, up to rounding).
+
+Spawning the ranks and importing torch in them is most of a case's cost, so one spawn (a
+module fixture) runs every case of every family, and the tests check its results.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +46,7 @@ FSDP_CASES = {
     "every module with parameters, checkpoint full": Case(POLICIES[2], checkpoint="full"),
     "blocks and patch embedding, checkpoint selective": Case(POLICIES[1], checkpoint="selective"),
 }
+DDP_CASES = {"plain": None, "checkpoint full": "full", "checkpoint selective": "selective"}
 # Inductor compiles on each rank: one case, for the image family, keeps the suite short.
 COMPILE_CASE = {
     "blocks, compile_blocks and checkpoint selective": Case(
@@ -74,7 +81,7 @@ def gathered_gradients(model) -> dict:
     return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def fsdp_worker(rank, world_size, family_name, cases, imgs, noise):
+def fsdp_gradients(rank, family_name, cases, imgs, noise) -> dict:
     """Each case on a fresh model pair: the fastmae model sharded as the case says (and the
     oracle too under bf16 parameters, as the yardstick); rank 0 returns the gradients."""
     fully_shard, MixedPrecisionPolicy = fsdp2()
@@ -104,6 +111,36 @@ def fsdp_worker(rank, world_size, family_name, cases, imgs, noise):
     return results
 
 
+def ddp_gradients(rank, family_name, imgs, noise) -> dict:
+    """Each DDP case on a fresh fastmae model; rank 0 returns the averaged gradients."""
+    results = {}
+    for name, checkpoint in DDP_CASES.items():
+        family = make_family(family_name)
+        if checkpoint:
+            fastmae.checkpoint_blocks(family.fused, checkpoint)
+        ddp = torch.nn.parallel.DistributedDataParallel(family.fused)
+        rows = rank_rows(rank)
+        loss, _, _ = family.call(ddp, imgs[rows], noise[rows])
+        loss.backward()
+        grads = {n: p.grad for n, p in family.fused.named_parameters() if p.grad is not None}
+        results[name] = grads if rank == 0 else None
+    return results
+
+
+def fsdp_cases(family_name: str) -> dict:
+    return {**FSDP_CASES, **(COMPILE_CASE if family_name == "image" else {})}
+
+
+def every_case(rank, world_size, inputs):
+    """The worker: all cases of all families, ``{(family, "fsdp" | "ddp"): results}``."""
+    results = {}
+    for family_name, (imgs, noise) in inputs.items():
+        cases = fsdp_cases(family_name)
+        results[family_name, "fsdp"] = fsdp_gradients(rank, family_name, cases, imgs, noise)
+        results[family_name, "ddp"] = ddp_gradients(rank, family_name, imgs, noise)
+    return results
+
+
 def single_process_gradients(model, call, imgs, noise) -> dict:
     model.zero_grad()
     loss, _, _ = call(model, imgs, noise)
@@ -111,62 +148,70 @@ def single_process_gradients(model, call, imgs, noise) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_as_accurate_in_bf16(got: dict, oracle_bf16: dict, expected: dict) -> None:
+    """bf16 parameters: the gradients are within twice the oracle's own error under the same
+    policy, against the fp32 single-process gradients, over the whole model (each tensor
+    scaled by its fp32 norm, so that each counts alike). Tensor by tensor the ratio of two
+    bf16 errors is noise (measured: whole-model ratio 0.81-1.16, single tensors up to 2.1, over
+    36 seeds of the three families), so each tensor only has to stay within four times."""
+    assert got.keys() == expected.keys()
+    names = [name for name, grad in expected.items() if grad.norm() > 1e-6]
+
+    def whole(grads):
+        return torch.cat([grads[name].flatten() / expected[name].norm() for name in names])
+
+    assert rel_err(whole(got), whole(expected)) <= 2 * rel_err(whole(oracle_bf16), whole(expected))
+    for name in names:
+        limit = 4 * rel_err(oracle_bf16[name], expected[name]) + 1e-3
+        assert rel_err(got[name], expected[name]) <= limit, name
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    """``(seed, inputs, results)`` of one 2-rank run of every case, on fresh random inputs."""
+    seed = int(os.environ.get("FASTMAE_TEST_SEED", random.randrange(2**31)))
+    families = {name: make_family(name) for name in FAMILIES}  # each seeds its weights
+    torch.manual_seed(seed)
+    inputs = {
+        name: (family.sample(BATCH), torch.rand(BATCH, family.noise_length))
+        for name, family in families.items()
+    }
+    results = run_on_ranks(every_case, tmp_path_factory.mktemp("ranks"), inputs)[0]
+    return seed, inputs, results
+
+
+def expected_gradients(family_name, imgs, noise) -> dict:
+    """The single-process oracle's gradients on the whole batch."""
+    family = make_family(family_name)
+    return single_process_gradients(family.oracle, family.call, imgs, noise)
+
+
 @pytest.mark.parametrize("family_name", FAMILIES)
-def test_fsdp2_gradients_equal_single_process(family_name, tmp_path, fresh_seed):
-    cases = {**FSDP_CASES, **(COMPILE_CASE if family_name == "image" else {})}
-    family = make_family(family_name)  # seeds its weights: reseed for fresh inputs
-    torch.manual_seed(fresh_seed)
-    imgs, noise = family.sample(BATCH), torch.rand(BATCH, family.noise_length)
-    expected = single_process_gradients(family.oracle, family.call, imgs, noise)
-    results = run_on_ranks(fsdp_worker, tmp_path, family_name, cases, imgs, noise)[0]
+def test_fsdp2_gradients_equal_single_process(family_name, distributed_run):
+    seed, inputs, results = distributed_run
+    expected = expected_gradients(family_name, *inputs[family_name])
+    results = results[family_name, "fsdp"]
     failures = []
-    for name, case in cases.items():
+    for name, case in fsdp_cases(family_name).items():
         got = results[name, "fused"]
         try:
             if case.bf16_params:
-                # Within twice the oracle's own error under the same policy (plus slack).
-                oracle_bf16 = results[name, "oracle"]
-                assert got.keys() == expected.keys()
-                for param, grad in expected.items():
-                    limit = 2 * rel_err(oracle_bf16[param], grad) + 1e-3
-                    assert rel_err(got[param], grad) <= limit, param
+                assert_as_accurate_in_bf16(got, results[name, "oracle"], expected)
             else:
                 assert_tensors_match(got, expected)
         except AssertionError as error:
             failures.append(f"{name}: {error}")
-    assert not failures, "\n".join(failures)
+    assert not failures, f"(replay with FASTMAE_TEST_SEED={seed})\n" + "\n".join(failures)
 
 
-DDP_CASES = {"plain": None, "checkpoint full": "full", "checkpoint selective": "selective"}
-
-
-def ddp_worker(rank, world_size, imgs_by_family, noise_by_family):
-    results = {}
-    for family_name in FAMILIES:
-        for name, checkpoint in DDP_CASES.items():
-            family = make_family(family_name)
-            if checkpoint:
-                fastmae.checkpoint_blocks(family.fused, checkpoint)
-            ddp = torch.nn.parallel.DistributedDataParallel(family.fused)
-            rows = rank_rows(rank)
-            imgs, noise = imgs_by_family[family_name], noise_by_family[family_name]
-            loss, _, _ = family.call(ddp, imgs[rows], noise[rows])
-            loss.backward()
-            grads = {n: p.grad for n, p in family.fused.named_parameters() if p.grad is not None}
-            results[family_name, name] = grads if rank == 0 else None
-    return results
-
-
-def test_ddp_gradients_equal_single_process(tmp_path, fresh_seed):
-    families = {name: make_family(name) for name in FAMILIES}
-    torch.manual_seed(fresh_seed)
-    imgs = {name: family.sample(BATCH) for name, family in families.items()}
-    noise = {name: torch.rand(BATCH, family.noise_length) for name, family in families.items()}
-    results = run_on_ranks(ddp_worker, tmp_path, imgs, noise)[0]
-    for family_name, family in families.items():
-        call = family.call
-        expected = single_process_gradients(
-            family.oracle, call, imgs[family_name], noise[family_name]
-        )
-        for name in DDP_CASES:
-            assert_tensors_match(results[family_name, name], expected)
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_ddp_gradients_equal_single_process(family_name, distributed_run):
+    seed, inputs, results = distributed_run
+    expected = expected_gradients(family_name, *inputs[family_name])
+    for name in DDP_CASES:
+        try:
+            assert_tensors_match(results[family_name, "ddp"][name], expected)
+        except AssertionError as error:
+            raise AssertionError(
+                f"{name} (replay with FASTMAE_TEST_SEED={seed}): {error}"
+            ) from None

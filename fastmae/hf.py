@@ -137,20 +137,21 @@ def _embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding
     return embeddings, mask, ids_restore
 
 
-def _patch_embeddings_forward(self, pixel_values, *args, ids_keep=None, cls_token=None, **kw):
+def _patch_embeddings_forward(
+    self, pixel_values, *args, ids_keep=None, cls_token=None, pos_embed=None, **kwargs
+):
     """``ViTMAEPatchEmbeddings.forward``, HF's; with ``ids_keep``, the fused encoder input
-    ``[N, 1+K, D]`` of :func:`fastmae.layers.project_patches` (``kw`` then holds
-    ``pos_embed``), computed in the projection's own forward where that has been patched (so
-    that FSDP2 gathers a projection sharded on its own around the kernel that reads it)."""
+    ``[N, 1+K, D]`` of :func:`fastmae.layers.project_patches`, computed in the projection's own
+    forward where that has been patched (so that FSDP2 gathers a projection sharded on its own
+    around the kernel that reads it)."""
     if ids_keep is None:
-        return _original(hf_vitmae.ViTMAEPatchEmbeddings, "forward")(
-            self, pixel_values, *args, **kw
-        )
+        original = _original(hf_vitmae.ViTMAEPatchEmbeddings, "forward")
+        return original(self, pixel_values, *args, **kwargs)
     projection = self.projection
     forward = vars(projection).get("forward")
     if isinstance(forward, functools.partial) and forward.func is project_patches:
-        return projection(pixel_values, ids_keep, cls_token, kw["pos_embed"])
-    return project_patches(projection, pixel_values, ids_keep, cls_token, kw["pos_embed"])
+        return projection(pixel_values, ids_keep, cls_token, pos_embed)
+    return project_patches(projection, pixel_values, ids_keep, cls_token, pos_embed)
 
 
 def _install_projection_forward(patch_embeddings) -> None:

@@ -71,6 +71,16 @@ def make_family(name: str, norm_pix_loss: bool = True) -> Family:
     raise ValueError(f"unknown family {name!r}")
 
 
+def family_step(family: Family, model, imgs, noise):
+    """One forward+backward of ``model`` (the family's oracle or fastmae model) ->
+    ``(loss, pred, {name: gradient})``."""
+    model.zero_grad()
+    loss, pred, _ = family.call(model, imgs, noise)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), pred.detach(), grads
+
+
 def comparable_parameters(model) -> dict:
     """The parameters whose values two implementations must agree on after training: all but
     the attention key biases (a fused qkv bias: its middle third). Softmax ignores a shift

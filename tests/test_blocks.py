@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 import fastmae
 from fastmae import reference
 from fastmae.layers import set_fused_attn
-from tests.clients import FAMILIES, make_family
+from tests.clients import FAMILIES, family_step, make_family
 from tests.helpers import TINY, assert_tensors_match, rel_err
 from tests.multiprocess import fsdp2
 
@@ -87,15 +87,6 @@ def test_official_attention_arithmetic_matches_sdpa(cls):
 
 
 # -- checkpoint_blocks ---------------------------------------------------------------------------
-
-
-def family_step(family, model, imgs, noise):
-    """-> (loss, pred, {name: gradient}) of one forward+backward."""
-    model.zero_grad()
-    loss, pred, _ = family.call(model, imgs, noise)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), pred.detach(), grads
 
 
 def saved_bytes(step) -> int:

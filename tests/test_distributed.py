@@ -18,7 +18,7 @@ import torch
 
 import fastmae
 from fastmae.blocks import transformer_blocks
-from tests.clients import FAMILIES, make_family
+from tests.clients import FAMILIES, family_step, make_family
 from tests.helpers import assert_tensors_match, rel_err
 from tests.multiprocess import fsdp2, run_on_ranks
 
@@ -141,13 +141,6 @@ def every_case(rank, world_size, inputs):
     return results
 
 
-def single_process_gradients(model, call, imgs, noise) -> dict:
-    model.zero_grad()
-    loss, _, _ = call(model, imgs, noise)
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_as_accurate_in_bf16(got: dict, oracle_bf16: dict, expected: dict) -> None:
     """bf16 parameters: the gradients are within twice the oracle's own error under the same
     policy, against the fp32 single-process gradients, over the whole model (each tensor
@@ -183,7 +176,7 @@ def distributed_run(tmp_path_factory):
 def expected_gradients(family_name, imgs, noise) -> dict:
     """The single-process oracle's gradients on the whole batch."""
     family = make_family(family_name)
-    return single_process_gradients(family.oracle, family.call, imgs, noise)
+    return family_step(family, family.oracle, imgs, noise)[2]
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)

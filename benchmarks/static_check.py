@@ -23,23 +23,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastmae.config import NORM_PIX_EPS, image_step, video_step
 from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
 from fastmae.kernels._triton import fused_kernel_names, kernel_name, row_tile_config
 
 ARCHS = (90, 80)
-MODELS = {"ViT-B/16": 768, "ViT-L/16": 1024}
-IMG, PATCH, CHANS, DECODER = 224, 16, 3, 512
-LENGTH = (IMG // PATCH) ** 2
-KEEP = int(LENGTH * 0.25)
-PIXELS = PATCH * PATCH * CHANS
+MODELS = {
+    "ViT-B/16": image_step("mae_vit_base_patch16_dec512d8b"),
+    "ViT-L/16": image_step("mae_vit_large_patch16_dec512d8b"),
+}
+STEP = MODELS["ViT-B/16"]  # the sizes all ViT-x/16 models share
+IMG, PATCH, CHANS, DECODER = STEP.img_size, STEP.patch_size, STEP.in_chans, STEP.decoder_width
+LENGTH, KEEP, PIXELS = STEP.length, STEP.keep, STEP.pixels
 
 
 # The model's pred is the slice x[:, 1:] of the decoder output [N, 1+L, P]: read with strides.
 PRED_STRIDES = dict(stride_n=(LENGTH + 1) * PIXELS, stride_l=PIXELS, stride_p=1)
 # The video MAE's ViT-L default: 16 frames, tubelets of 2, ratio 0.9, 8 target frames (u' = 1).
-FRAMES, T_PATCH, PRED_T = 16, 2, 8
-VIDEO_LENGTH = FRAMES // T_PATCH * LENGTH
-VIDEO_KEEP = int(VIDEO_LENGTH * (1 - 0.9))
+VIDEO = video_step("mae_vit_large_patch16")
+FRAMES, T_PATCH, PRED_T = VIDEO.num_frames, VIDEO.t_patch_size, VIDEO.pred_t_dim
+VIDEO_LENGTH, VIDEO_KEEP = VIDEO.length, VIDEO.keep
 
 
 def ptr(dtype):
@@ -143,7 +146,7 @@ def kernel_specs(width: int):
                     **pointers("pred=bf16 imgs=fp32 mask=fp32 frames=i64"),
                     **geometry,
                     **strides,
-                    "eps": ("fp32", loss.EPS),
+                    "eps": ("fp32", NORM_PIX_EPS),
                 },
                 dict(ALL_PATCHES=False, **constexprs),
                 loss.launch_config(PIXELS),
@@ -242,8 +245,8 @@ def widest_access(ptx: str) -> dict:
 
 
 def rows():
-    for model, width in MODELS.items():
-        for label, kernel, args, constexprs, warps in kernel_specs(width):
+    for model, sizes in MODELS.items():
+        for label, kernel, args, constexprs, warps in kernel_specs(sizes.width):
             for arch in ARCHS:
                 compiled = compile_kernel(kernel, args, constexprs, warps, arch)
                 ptx = compiled.asm["ptx"]

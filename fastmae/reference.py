@@ -27,7 +27,7 @@ import torch
 from fastmae import _checks
 from fastmae._checks import to_2tuple
 from fastmae.base import MaskedAutoencoderBase, make_factories, masking_noise
-from fastmae.kernels.loss import EPS
+from fastmae.config import NORM_PIX_EPS
 
 # ---------------------------------------------------------------------------------------------
 # The official op sequence, as functions of tensors.
@@ -155,7 +155,7 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False,
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + EPS) ** 0.5
+        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
     mask = mask.view(loss.shape)
     mask_sum = mask.sum()

@@ -30,6 +30,7 @@ import torch
 import fastmae
 import fastmae.video
 from fastmae import checkpoint
+from fastmae.config import MASK_RATIO, NORM_PIX_EPS, VIDEO_CLIP, VIDEO_MASK_RATIO
 
 # Input normalisation: ImageNet's for RGB (as the MAE training script), its grey average for 1.
 CHANNEL_STATS = {
@@ -77,7 +78,7 @@ def to_pil(image: torch.Tensor):
 
 
 @torch.no_grad()
-def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None) -> dict:
+def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = MASK_RATIO, noise=None) -> dict:
     """Run ``model`` on normalised ``imgs [N, C, H, W]``; returns ``original``, ``masked``
     (removed patches at the mean colour), ``reconstruction`` and ``pasted`` (the visible
     patches pasted back), each ``[N, C, H, W]`` in the input's normalisation, plus ``loss``
@@ -88,7 +89,9 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
 
 
 @torch.no_grad()
-def reconstruct_video(model, clips: torch.Tensor, mask_ratio: float = 0.9, noise=None) -> dict:
+def reconstruct_video(
+    model, clips: torch.Tensor, mask_ratio: float = VIDEO_MASK_RATIO, noise=None
+) -> dict:
     """Run a video MAE on normalised ``clips [N, C, T, H, W]``; returns what
     :func:`reconstruct` does, each ``[N, C, P, H, W]`` at the ``P = pred_t_dim`` frames the
     model predicts (``frames``, their indices in the clip)."""
@@ -108,7 +111,7 @@ def _pictures(model, imgs, pred, mask, loss) -> dict:
         count = visible.sum((1, 2)).clamp_min(2)
         mean = (patches * visible).sum((1, 2)) / count
         var = (((patches - mean[:, None, None]) ** 2) * visible).sum((1, 2)) / (count - 1)
-        pred = pred * (var + 1e-6).sqrt()[:, None, None] + mean[:, None, None]
+        pred = pred * (var + NORM_PIX_EPS).sqrt()[:, None, None] + mean[:, None, None]
     reconstruction = model.unpatchify(pred)
     removed = model.unpatchify(mask[..., None].expand_as(pred).contiguous())
     return dict(
@@ -171,9 +174,9 @@ def main(argv=None) -> int:
     )
     video_options = parser.add_argument_group("video (mae_st models, fastmae.video)")
     video_options.add_argument("--video", action="store_true", help="a video MAE on a test clip")
-    video_options.add_argument("--num-frames", type=int, default=16)
-    video_options.add_argument("--t-patch-size", type=int, default=2)
-    video_options.add_argument("--pred-t-dim", type=int, default=8)
+    video_options.add_argument("--num-frames", type=int, default=VIDEO_CLIP["num_frames"])
+    video_options.add_argument("--t-patch-size", type=int, default=VIDEO_CLIP["t_patch_size"])
+    video_options.add_argument("--pred-t-dim", type=int, default=VIDEO_CLIP["pred_t_dim"])
     args = parser.parse_args(argv)
 
     models = fastmae.video if args.video else fastmae
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
     if args.video:
         out = args.out or "mae_reconstruction.gif"
         clip = test_clip(size, model.patch_embed.frames, args.in_chans)[None]
-        result = reconstruct_video(model, clip, 0.9 if args.mask_ratio is None else args.mask_ratio)
+        ratio = VIDEO_MASK_RATIO if args.mask_ratio is None else args.mask_ratio
+        result = reconstruct_video(model, clip, ratio)
         first, *rest = video_frames(result)
         first.save(out, format="GIF", save_all=True, append_images=rest, duration=250, loop=0)
         count = 1 + len(rest)
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
         return 0
     out = args.out or "mae_reconstruction.png"
     imgs = torch.stack([load_image(p, size, args.in_chans) for p in (args.image or [TEST_CARD])])
-    result = reconstruct(model, imgs, 0.75 if args.mask_ratio is None else args.mask_ratio)
+    result = reconstruct(model, imgs, MASK_RATIO if args.mask_ratio is None else args.mask_ratio)
     grid_image(result).save(out, format="PNG")
     print(f"wrote {out}: {imgs.shape[0]} image(s), loss {result['loss'].item():.4f}")
     return 0

@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 
-# Inclusive (major, minor) ranges; benchmarks/compat.sh re-tests the Triton ends.
-TESTED_TORCH = ((2, 4), (2, 13))
-TESTED_TRITON = ((3, 0), (3, 9))
+from fastmae.config import TESTED_TORCH, TESTED_TRITON
 
 
 def _minor(version: str) -> tuple[int, int]:

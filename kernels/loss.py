@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastmae.config import NORM_PIX_EPS
+
 from ._triton import (
     IntList,
     accumulation_dtype,
@@ -39,7 +41,6 @@ from ._triton import (
 )
 from .patchify import as_video, gather_patches, scatter_patches, video_geometry
 
-EPS = 1e-6
 MAX_PATCH_PIXELS = 1 << 16  # one patch is one block of a program
 
 
@@ -271,7 +272,7 @@ def _loss_forward_triton(video, frames, pred, weight, patch_size, norm_pix, all_
             stride_n=pred.stride(0),
             stride_l=pred.stride(1),
             stride_p=pred.stride(2),
-            eps=EPS,
+            eps=NORM_PIX_EPS,
             ALL_PATCHES=all_patches,
             **_geometry(list(video.shape), frames, length, pixels, patch_size, norm_pix),
         )
@@ -302,7 +303,7 @@ def _normalise_rows(target, pixels):
     target = target - target_mean
     # Two passes over the centred rows: torch.var is several times slower on the CPU.
     var = torch.linalg.vector_norm(target, dim=-1, keepdim=True).square() / (pixels - 1)
-    target_rstd = torch.rsqrt(var + EPS)
+    target_rstd = torch.rsqrt(var + NORM_PIX_EPS)
     return target * target_rstd, target_mean[:, 0], target_rstd[:, 0]
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import torch
 
 from fastmae.base import make_factories
+from fastmae.config import VIDEO_FACTORIES
 from fastmae.reference import (
     masked_pixel_loss,
     patch_rows,
     random_masking_with_ids,
     unpatch_rows,
 )
-from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
+from fastmae.video.base import VideoMaskedAutoencoderBase
 
 
 class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):

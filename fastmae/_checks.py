@@ -7,6 +7,7 @@ reading memory it should not or returning a silently wrong answer.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -15,17 +16,24 @@ import torch
 from fastmae.dispatch import functorch_active
 
 
-def to_2tuple(value, name: str) -> tuple[int, int]:
-    """An int or an ``(H, W)`` pair as a pair of positive ints; a TypeError/ValueError otherwise."""
+def to_tuple(value, name: str, length: int = 2) -> tuple[int, ...]:
+    """An int or a tuple of ``length`` ints (``(H, W)``, or ``(T, H, W)`` for videos) as a tuple
+    of positive ints; a TypeError/ValueError otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        pair = tuple(value)
+        sizes = (value,) * length
+    elif isinstance(value, (tuple, list)) and len(value) == length:
+        sizes = tuple(value)
     else:
-        raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        form = "an (H, W) pair" if length == 2 else "a (T, H, W) triple"
+        raise TypeError(f"{name} must be an int or {form} of ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
         raise ValueError(f"{name} must hold positive ints, got {value!r}")
-    return pair
+    return sizes
+
+
+def to_2tuple(value, name: str) -> tuple[int, int]:
+    """An int or an ``(H, W)`` pair as a pair of positive ints."""
+    return to_tuple(value, name, 2)
 
 
 def check_tensor(value, name: str) -> None:
@@ -112,6 +120,15 @@ def len_keep(num_patches: int, mask_ratio) -> int:
     return int(num_patches * (1 - mask_ratio_value(mask_ratio)))
 
 
+def masking_step(imgs, num_patches: int, mask_ratio, noise) -> int:
+    """A step's masking arguments: returns the kept count :func:`len_keep`, and checks
+    ``noise`` (floating ``[N, L]`` on the images' device) when it is given."""
+    keep = len_keep(num_patches, mask_ratio)
+    if noise is not None:
+        check_noise(noise, imgs.shape[0], num_patches, imgs.device)
+    return keep
+
+
 def check_noise(noise, batch: int, num_patches: int, device: torch.device) -> None:
     check_floating(noise, "noise")
     if tuple(noise.shape) != (batch, num_patches):
@@ -137,32 +154,107 @@ def check_ids(ids, name: str, batch: int, device: torch.device, max_length=None)
     return ids.shape[1]
 
 
+def check_decoder_inputs(x, ids_restore, width: int, length: int, has_cls: bool) -> None:
+    """x: an encoder latent ``[N, S+K, width]`` (S = 1 with a cls row first), K <= ``length``;
+    ids_restore: int ``[N, length]`` on x's device."""
+    check_floating(x, "x")
+    start = int(has_cls)
+    if x.dim() != 3 or x.shape[2] != width or not start <= x.shape[1] <= length + start:
+        rows = "1+K" if has_cls else "K"
+        raise ValueError(
+            f"x must be the latent [N, {rows}, {width}] with K <= {length}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if check_ids(ids_restore, "ids_restore", x.shape[0], x.device) != length:
+        raise ValueError(
+            f"ids_restore must have shape [{x.shape[0]}, {length}], got {tuple(ids_restore.shape)}"
+        )
+
+
+def passes(check, *args) -> bool:
+    """Whether ``check(*args)`` accepts its arguments: how a patched third-party method (the
+    Hugging Face models) decides between the fused path and its original code."""
+    try:
+        check(*args)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def check_shape(value, name: str, expected: tuple[int, ...]) -> None:
     check_tensor(value, name)
     if tuple(value.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {list(expected)}, got {list(value.shape)}")
 
 
-def check_patch_rows(x, patch_size: tuple[int, int], grid_size: tuple[int, int]) -> int:
-    """x must be ``[N, h*w, ph*pw*C]`` floating for the grid and patch; returns C."""
-    (ph, pw), (h, w) = patch_size, grid_size
+def check_patch_rows(x, patch_size: tuple[int, ...], grid_size: tuple[int, ...]) -> int:
+    """x must be floating ``[N, h*w, ph*pw*C]`` for the grid ``(h, w)`` and patch ``(ph, pw)``,
+    or ``[N, t*h*w, u*ph*pw*C]`` for a grid ``(t, h, w)`` of tubelets ``(u, ph, pw)``; returns
+    C."""
     check_floating(x, "x")
-    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] % (ph * pw) or x.shape[2] == 0:
+    tokens, pixels = math.prod(grid_size), math.prod(patch_size)
+    if x.dim() != 3 or x.shape[1] != tokens or x.shape[2] % pixels or x.shape[2] == 0:
+        grid = "x".join(map(str, grid_size))
+        patch = "x".join(map(str, patch_size))
         raise ValueError(
-            f"x must be [N, {h * w}, {ph}*{pw}*C] for a {h}x{w} grid of {ph}x{pw} patches, "
-            f"got shape {tuple(x.shape)}"
+            f"x must be [N, {tokens}, {'*'.join(map(str, patch_size))}*C] for a {grid} grid of "
+            f"{patch} patches, got shape {tuple(x.shape)}"
         )
-    return x.shape[2] // (ph * pw)
+    return x.shape[2] // pixels
 
 
-def check_loss_inputs(imgs, pred, mask, patch_size: tuple[int, int]) -> None:
+def check_patch_grid(imgs, patch_size, frames=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """imgs: floating images ``[N, C, H, W]`` cut by ``patch_size`` (an int or ``(ph, pw)``),
+    or videos ``[N, C, T, H, W]`` cut by a tubelet ``(u, ph, pw)``, each side divisible;
+    ``frames`` (videos only) the int64 ``[T']`` frames that are the targets. Returns the patch
+    and the token grid, ``(h, w)`` or ``(t, h, w)`` with ``t = T' / u``."""
+    check_floating(imgs, "imgs")
+    if imgs.dim() == 4:
+        if frames is not None:
+            raise ValueError(
+                f"frames is for videos [N, C, T, H, W], imgs has shape {tuple(imgs.shape)}"
+            )
+        patch = to_2tuple(patch_size, "patch_size")
+        check_divisible(imgs.shape[2], imgs.shape[3], patch)
+        return patch, (imgs.shape[2] // patch[0], imgs.shape[3] // patch[1])
+    if imgs.dim() != 5:
+        raise ValueError(
+            f"imgs must be images [N, C, H, W] or videos [N, C, T, H, W], got shape "
+            f"{tuple(imgs.shape)}"
+        )
+    patch = to_tuple(patch_size, "patch_size", 3)
+    frame_count = imgs.shape[2] if frames is None else check_frames(frames, imgs)
+    sizes = (frame_count, *imgs.shape[3:])
+    if any(size % side for size, side in zip(sizes, patch)):
+        raise ValueError(
+            f"the clip's (T, H, W) = {sizes} is not divisible by the tubelet {patch}"
+            + ("" if frames is None else f" (T counts the {frame_count} target frames)")
+        )
+    return patch, tuple(size // side for size, side in zip(sizes, patch))
+
+
+def check_frames(frames, imgs) -> int:
+    """frames: a non-empty int64/int32 ``[T']`` tensor of frame indices of ``imgs [N, C, T, H,
+    W]``, on its device, each in ``[0, T)`` (read on the host); returns T'."""
+    check_tensor(frames, "frames")
+    if frames.dtype not in (torch.int64, torch.int32) or frames.dim() != 1 or not len(frames):
+        raise ValueError(
+            f"frames must be a non-empty int64 [T'] tensor, got {frames.dtype} of shape "
+            f"{tuple(frames.shape)}"
+        )
+    if frames.device != imgs.device:
+        raise ValueError(f"frames is on {frames.device}, imgs on {imgs.device}")
+    if not functorch_active() and ((frames < 0) | (frames >= imgs.shape[2])).any():
+        raise ValueError(f"frames must lie in [0, T={imgs.shape[2]}), got {frames.tolist()}")
+    return frames.shape[0]
+
+
+def check_loss_inputs(imgs, pred, mask, patch_size) -> None:
     """imgs floating ``[N, C, H, W]`` divisible by the patch; pred floating ``[N, L, ph*pw*C]``
     and mask ``[N, L]`` on imgs' device."""
     check_images(imgs, None, None)
-    n, c, height, width = imgs.shape
-    check_divisible(height, width, patch_size)
-    length = (height // patch_size[0]) * (width // patch_size[1])
-    check_pred_and_mask(pred, mask, imgs, length, patch_size[0] * patch_size[1] * c)
+    patch, grid = check_patch_grid(imgs, patch_size)
+    check_pred_and_mask(pred, mask, imgs, math.prod(grid), math.prod(patch) * imgs.shape[1])
 
 
 def check_pred_and_mask(pred, mask, imgs, length: int, pixels: int) -> None:

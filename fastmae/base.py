@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastmae import _checks
+from fastmae.config import IMAGE_FACTORIES
 from fastmae.layers import Block, PatchEmbed, sincos_2d
 
 
@@ -52,7 +53,35 @@ def masking_noise(noise, batch: int, length: int, device) -> torch.Tensor:
     return noise
 
 
-class MaskedAutoencoderBase(nn.Module):
+class StepChecks:
+    """The input checks of an MAE's public methods, run once where a method is entered. A model
+    gives its own ``_check_inputs(imgs)`` and says whether its latent has a cls row."""
+
+    latent_has_cls = True
+
+    def _check_step(self, imgs, mask_ratio, noise) -> int:
+        """Checks a training step's inputs; returns the number of kept tokens, computed as the
+        official ``int(L * (1 - mask_ratio))``."""
+        self._check_inputs(imgs)
+        weight = getattr(getattr(self.patch_embed, "proj", None), "weight", None)
+        if isinstance(weight, torch.Tensor):  # a custom patch_embed may have none
+            _checks.check_dtype_matches(imgs, weight)
+        return _checks.masking_step(imgs, self.patch_embed.num_patches, mask_ratio, noise)
+
+    def _check_decoder_inputs(self, x, ids_restore):
+        """x: the latent ``[N, S+K, D]`` (S = 1 with a cls row); ids_restore ``[N, L]`` integer
+        ids on x's device."""
+        width, length = self.decoder_embed.in_features, self.patch_embed.num_patches
+        _checks.check_decoder_inputs(x, ids_restore, width, length, self.latent_has_cls)
+
+    def _check_loss_inputs(self, imgs, pred, mask):
+        """imgs as the model takes them; pred ``[N, L, P]`` and mask ``[N, L]`` to match."""
+        self._check_inputs(imgs)
+        length, pixels = self.patch_embed.num_patches, self.decoder_pred.out_features
+        _checks.check_pred_and_mask(pred, mask, imgs, length, pixels)
+
+
+class MaskedAutoencoderBase(StepChecks, nn.Module):
     """The modules of ``models_mae.MaskedAutoencoderViT``, with its constructor.
 
     ``img_size`` and ``patch_size`` take an int or an ``(H, W)`` pair. ``norm_layer`` makes
@@ -128,45 +157,13 @@ class MaskedAutoencoderBase(nn.Module):
 
     # -- input checks, each run once where a public method is entered ---------------------------
 
-    def _check_images(self, imgs):
+    def _check_inputs(self, imgs):
         """imgs: floating ``[N, C, H, W]`` with the model's channels and image size."""
         _checks.check_images(imgs, self.patch_embed.in_chans, self.patch_embed.img_size)
 
     def _check_channels(self, imgs):
         """imgs: floating ``[N, C, H, W]`` with the model's channels, any size."""
         _checks.check_images(imgs, self.patch_embed.in_chans, None)
-
-    def _check_step(self, imgs, mask_ratio, noise) -> int:
-        """Checks a training step's inputs; returns the number of kept patches, computed as the
-        official ``int(L * (1 - mask_ratio))``."""
-        self._check_images(imgs)
-        _checks.check_dtype_matches(imgs, self.patch_embed.proj.weight)
-        num_patches = self.patch_embed.num_patches
-        len_keep = _checks.len_keep(num_patches, mask_ratio)
-        if noise is not None:
-            _checks.check_noise(noise, imgs.shape[0], num_patches, imgs.device)
-        return len_keep
-
-    def _check_decoder_inputs(self, x, ids_restore):
-        """x: the latent ``[N, 1+K, D]``; ids_restore: ``[N, L]`` integer ids on x's device."""
-        _checks.check_floating(x, "x")
-        width = self.decoder_embed.in_features
-        if x.dim() != 3 or x.shape[2] != width or x.shape[1] > self.patch_embed.num_patches + 1:
-            raise ValueError(
-                f"x must be the latent [N, 1+K, {width}] with K <= "
-                f"{self.patch_embed.num_patches}, got shape {tuple(x.shape)}"
-            )
-        length = _checks.check_ids(ids_restore, "ids_restore", x.shape[0], x.device)
-        if length != self.patch_embed.num_patches:
-            raise ValueError(
-                f"ids_restore must have shape [{x.shape[0]}, {self.patch_embed.num_patches}], "
-                f"got {tuple(ids_restore.shape)}"
-            )
-
-    def _check_loss_inputs(self, imgs, pred, mask):
-        """imgs as the model takes them; pred ``[N, L, p*p*C]`` and mask ``[N, L]`` to match."""
-        self._check_images(imgs)
-        _checks.check_loss_inputs(imgs, pred, mask, self.patch_embed.patch_size)
 
     def _grid_of(self, x) -> tuple[int, int]:
         """The patch grid of patch rows ``x [N, L, P]``: the model's for its own L, else square
@@ -189,20 +186,9 @@ class MaskedAutoencoderBase(nn.Module):
 # Factories with the official hyperparameters.
 # ---------------------------------------------------------------------------------------------
 
-_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
-VIT_BASE_PATCH16 = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER)
-VIT_LARGE_PATCH16 = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER)
-VIT_HUGE_PATCH14 = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER)
 # The official factories' normalisation. A model class may name another in its own
 # ``factory_norm_layer`` (a fused LayerNorm, say); a ``norm_layer`` keyword overrides both.
 OFFICIAL_NORM_LAYER = partial(nn.LayerNorm, eps=1e-6)
-
-
-IMAGE_FACTORIES = {
-    "mae_vit_base_patch16_dec512d8b": VIT_BASE_PATCH16,
-    "mae_vit_large_patch16_dec512d8b": VIT_LARGE_PATCH16,
-    "mae_vit_huge_patch14_dec512d8b": VIT_HUGE_PATCH14,
-}
 
 
 def make_factories(model_class, configs=None):

@@ -22,12 +22,12 @@ model's on the same weights and noise, within float32 rounding; without ``noise`
 seed gives the same mask. The one deliberate difference is fastmae's: a mask that removes no
 patch (``mask_ratio`` 0) gives loss 0, where HF's ``sum / mask.sum()`` gives NaN.
 
-Calls that fall back to HF's own code for that call, with HF's result or HF's error:
-``interpolate_pos_encoding=True``; ``pixel_values`` that are not a floating ``[N, C, H, W]``
-tensor of the config's channels and image size; ``noise`` that is not a floating ``[N, L]``
-tensor on the images' device; a ``mask_ratio`` outside ``[0, 1]``; decoder inputs whose
-``ids_restore`` is not ``[N, L]`` of the model's L; a loss whose ``pred`` or ``mask`` is not
-shaped as the model makes them.
+Calls that fall back to HF's own code for that call, with HF's result or HF's error, are those
+the drop-in's own input checks (``fastmae._checks``) refuse: ``interpolate_pos_encoding=True``;
+``pixel_values`` that are not a floating ``[N, C, H, W]`` tensor of the config's channels and
+image size; ``noise`` that is not a floating ``[N, L]`` tensor on the images' device; a
+``mask_ratio`` outside ``[0, 1)``; decoder inputs whose ``ids_restore`` is not ``[N, L]`` of
+the model's L; a loss whose ``pred`` or ``mask`` is not shaped as the model makes them.
 
 Supports transformers 5.x, and 4.x from 4.40 (where ``ViTMAEForPreTraining`` has
 ``forward_loss`` and the decoder takes ``output_attentions``): the patch is chosen by the
@@ -41,7 +41,7 @@ import inspect
 
 import torch
 
-from fastmae import _checks, functional
+from fastmae import _checks, _unchecked
 from fastmae.layers import project_patches
 
 try:
@@ -81,30 +81,24 @@ def _fusable_images(embeddings, pixel_values) -> bool:
     """pixel_values as the fused ops take them: floating [N, C, H, W] of the config's C, H, W,
     in the projection's dtype (any floating dtype under autocast, which casts as HF's conv)."""
     patches = embeddings.patch_embeddings
-    image_size = tuple(patches.image_size)
-    return (
-        isinstance(pixel_values, torch.Tensor)
-        and pixel_values.is_floating_point()
-        and pixel_values.dim() == 4
-        and pixel_values.shape[1] == patches.num_channels
-        and tuple(pixel_values.shape[2:]) == image_size
-        and _checks.dtype_matches(pixel_values, patches.projection.weight)
-    )
+    size = tuple(patches.image_size)
+    return _checks.passes(
+        _checks.check_images, pixel_values, patches.num_channels, size
+    ) and _checks.dtype_matches(pixel_values, patches.projection.weight)
 
 
 def _len_keep(embeddings):
-    """HF's ``int(L * (1 - mask_ratio))``, or None where that is not in ``[0, L]``."""
+    """HF's ``int(L * (1 - mask_ratio))``, or None where the ratio is outside ``[0, 1)``."""
     num_patches = embeddings.patch_embeddings.num_patches
-    len_keep = int(num_patches * (1 - embeddings.config.mask_ratio))
-    return len_keep if 0 <= len_keep <= num_patches else None
+    ratio = embeddings.config.mask_ratio
+    if not _checks.passes(_checks.len_keep, num_patches, ratio):
+        return None
+    return _checks.len_keep(num_patches, ratio)
 
 
 def _fusable_noise(noise, pixel_values, num_patches) -> bool:
-    return noise is None or (
-        isinstance(noise, torch.Tensor)
-        and noise.is_floating_point()
-        and tuple(noise.shape) == (pixel_values.shape[0], num_patches)
-        and noise.device == pixel_values.device
+    return noise is None or _checks.passes(
+        _checks.check_noise, noise, pixel_values.shape[0], num_patches, pixel_values.device
     )
 
 
@@ -127,7 +121,7 @@ def _embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding
         return original(self, pixel_values, noise=noise, **extra)
     if noise is None:  # HF's draw, at the same point of the random stream
         noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
-    ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+    ids_keep, ids_restore, mask = _unchecked.random_masking_indices(noise, len_keep)
     embeddings = self.patch_embeddings(
         pixel_values,
         ids_keep=ids_keep,
@@ -170,23 +164,19 @@ def _patch_embeddings_init(self, *args, **kwargs):
 
 def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
     """``ViTMAEDecoder.forward``: the fused unshuffle, then HF's layers, norm and prediction."""
-    length = self.decoder_pos_embed.shape[1] - 1
+    width, length = self.decoder_embed.in_features, self.decoder_pos_embed.shape[1] - 1
     fusable = (
         not args
         and not kwargs.get("interpolate_pos_encoding", False)
-        and isinstance(hidden_states, torch.Tensor)
-        and hidden_states.dim() == 3
-        and hidden_states.shape[1] <= length + 1
-        and isinstance(ids_restore, torch.Tensor)
-        and ids_restore.dtype in (torch.int64, torch.int32)
-        and tuple(ids_restore.shape) == (hidden_states.shape[0], length)
-        and ids_restore.device == hidden_states.device
+        and _checks.passes(
+            _checks.check_decoder_inputs, hidden_states, ids_restore, width, length, True
+        )
     )
     if not fusable:
         original = _original(hf_vitmae.ViTMAEDecoder, "forward")
         return original(self, hidden_states, ids_restore, *args, **kwargs)
     x = self.decoder_embed(hidden_states)
-    x = functional._unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+    x = _unchecked.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
     if _DECODER_COLLECTS_OUTPUTS:
         return _decoder_layers_collecting(self, x, **kwargs)
     for layer in self.decoder_layers:
@@ -227,19 +217,13 @@ def _fused_loss(self, pixel_values, pred, mask):
     config = self.config
     patch = config.patch_size
     length = self.vit.embeddings.patch_embeddings.num_patches
-    fusable = (
-        _fusable_images(self.vit.embeddings, pixel_values)
-        and isinstance(pred, torch.Tensor)
-        and pred.is_floating_point()
-        and tuple(pred.shape)
-        == (pixel_values.shape[0], length, patch * patch * config.num_channels)
-        and isinstance(mask, torch.Tensor)
-        and tuple(mask.shape) == (pixel_values.shape[0], length)
-        and pred.device == mask.device == pixel_values.device
+    pixels = patch * patch * config.num_channels
+    fusable = _fusable_images(self.vit.embeddings, pixel_values) and _checks.passes(
+        _checks.check_pred_and_mask, pred, mask, pixel_values, length, pixels
     )
     if not fusable:
         return None
-    return functional._masked_pixel_loss(
+    return _unchecked.masked_pixel_loss(
         pixel_values, pred, mask, (patch, patch), config.norm_pix_loss
     )
 

@@ -31,10 +31,10 @@ def project_patches(conv, imgs, ids_keep=None, cls_token=None, pos_embed=None):
     """
     if ids_keep is None:
         return conv._conv_forward(imgs, conv.weight, conv.bias)
-    from fastmae import _checks, functional  # fastmae.functional imports this module
+    from fastmae import _checks, _unchecked  # they import this module
 
     _checks.check_dtype_matches(imgs, conv.weight)
-    return functional._embed_visible_patches(
+    return _unchecked.embed_visible_patches(
         imgs, ids_keep, conv.weight, conv.bias, cls_token, pos_embed
     )
 

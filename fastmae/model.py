@@ -19,47 +19,9 @@ initial weights and the same masks.
 
 from __future__ import annotations
 
-import torch
-
-from fastmae import _checks, functional
-from fastmae.base import MaskedAutoencoderBase, draw_noise, make_factories, masking_noise
-
-
-class FusedSteps:
-    """A drop-in's ``forward`` and official methods over its unchecked steps ``_encoder``,
-    ``_decoder``, ``_loss`` (and its checks); shared by the image and the video drop-in."""
-
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """imgs (``[N, C, H, W]``, or ``[N, C, T, H, W]`` for video) -> ``(loss, pred [N, L, P],
-        mask [N, L])``. ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that
-        decides the mask."""
-        len_keep = self._check_step(imgs, mask_ratio, noise)
-        latent, mask, ids_restore = self._encoder(imgs, len_keep, noise)
-        pred = self._decoder(latent, ids_restore)
-        loss = self._loss(imgs, pred, mask)
-        return loss, pred, mask
-
-    # -- the official methods, for callers that use them one at a time: each checks its inputs.
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """imgs -> latent ``[N, S+K, D]`` (image: cls first; video: no cls), mask, ids_restore."""
-        return self._encoder(imgs, self._check_step(imgs, mask_ratio, noise), noise)
-
-    def forward_decoder(self, x, ids_restore):
-        """latent, ids_restore ``[N, L]`` -> pred ``[N, L, P]``. ids_restore must be a
-        permutation in each row, as the masking makes it: the kernels would mask an id out of
-        range (the official gather raises) and give a repeated id a wrong gradient. The check
-        reads the ids on the host; ``forward`` makes its own ids and skips it."""
-        self._check_decoder_inputs(x, ids_restore)
-        _checks.check_index_values(
-            "forward_decoder", "ids_restore", ids_restore, ids_restore.shape[1], distinct=True
-        )
-        return self._decoder(x, ids_restore)
-
-    def forward_loss(self, imgs, pred, mask):
-        """imgs, pred ``[N, L, P]``, mask ``[N, L]`` (1 = removed) -> the 0-dim loss."""
-        self._check_loss_inputs(imgs, pred, mask)
-        return self._loss(imgs, pred, mask)
+from fastmae import _unchecked, functional
+from fastmae.base import MaskedAutoencoderBase, draw_noise, make_factories
+from fastmae.fused import FusedSteps, random_masking_with_ids
 
 
 class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
@@ -71,7 +33,7 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
         n, num_patches = imgs.shape[0], self.patch_embed.num_patches
         if noise is None:
             noise = draw_noise(n, num_patches, imgs.device)
-        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+        ids_keep, ids_restore, mask = _unchecked.random_masking_indices(noise, len_keep)
         # Through the modules' own forwards, where FSDP2 gathers their weights.
         x = self.patch_embed(imgs, ids_keep, self.cls_token, self.pos_embed)
         for block in self.blocks:
@@ -81,7 +43,7 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
     def _decoder(self, latent, ids_restore):
         """-> pred ``[N, L, p*p*C]``, a strided view that the loss reads without a copy."""
         x = self.decoder_embed(latent)
-        x = functional._unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+        x = _unchecked.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -90,16 +52,14 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
     def _loss(self, imgs, pred, mask):
         """-> the 0-dim loss, averaged over the removed patches."""
         patch_size = self.patch_embed.patch_size
-        return functional._masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss)
+        return _unchecked.masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss)
 
     # -- the official tensor methods ---------------------------------------------------------
 
     def patchify(self, imgs):
         """imgs ``[N, C, H, W]`` (any size the patch divides) -> ``[N, L, p*p*C]``."""
         self._check_channels(imgs)
-        patch_size = self.patch_embed.patch_size
-        _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
-        return functional._patchify(imgs, patch_size)
+        return functional.patchify(imgs, self.patch_embed.patch_size)
 
     def unpatchify(self, x):
         """``[N, L, p*p*C]`` -> imgs ``[N, C, H, W]``; the grid is the model's, or square."""
@@ -109,18 +69,6 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore [N, L])``; L is
         x's, as in the official code, so any token sequence can be masked."""
         return random_masking_with_ids(x, mask_ratio, noise)[:3]
-
-
-def random_masking_with_ids(x, mask_ratio, noise=None):
-    """The official ``random_masking`` on the fused masking op, also returning ``ids_keep``
-    (as mae_st's does): x ``[N, L, D]`` -> ``(x_masked, mask, ids_restore, ids_keep)``."""
-    _checks.check_tensor(x, "x")
-    n, length, width = x.shape
-    len_keep = _checks.len_keep(length, mask_ratio)
-    noise = masking_noise(noise, n, length, x.device)
-    ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
-    x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
-    return x_masked, mask, ids_restore, ids_keep
 
 
 _base, _large, _huge = make_factories(MaskedAutoencoderViT)

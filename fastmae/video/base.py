@@ -10,17 +10,19 @@ import torch
 from torch import nn
 
 from fastmae import _checks
-from fastmae.base import init_linear_and_norm
+from fastmae.base import StepChecks, init_linear_and_norm
 from fastmae.layers import Block, PatchEmbed3d
 
 
-class VideoMaskedAutoencoderBase(nn.Module):
+class VideoMaskedAutoencoderBase(StepChecks, nn.Module):
     """The modules of mae_st's ``models_mae.MaskedAutoencoderViT``, with its constructor.
 
     ``patch_embed`` is the class that embeds the video, built as mae_st builds it; the default
     is :class:`fastmae.layers.PatchEmbed3d`. ``norm_layer`` makes every LayerNorm. Extra keyword
     arguments are accepted and ignored, as mae_st does.
     """
+
+    latent_has_cls = False  # mae_st's forward_encoder drops the cls row
 
     # fmt: off
     def __init__(
@@ -138,7 +140,7 @@ class VideoMaskedAutoencoderBase(nn.Module):
 
     # -- input checks, each run once where a public method is entered ---------------------------
 
-    def _check_videos(self, imgs):
+    def _check_inputs(self, imgs):
         """imgs: floating ``[N, C, T, H, W]`` with the model's channels, frames and size."""
         _checks.check_floating(imgs, "imgs")
         expected = (self.in_chans, self.patch_embed.frames, *self.patch_embed.img_size)
@@ -148,36 +150,6 @@ class VideoMaskedAutoencoderBase(nn.Module):
                 f"imgs must be [N, C={channels}, T={frames}, H={height}, W={width}], "
                 f"got shape {tuple(imgs.shape)}"
             )
-
-    def _check_step(self, imgs, mask_ratio, noise) -> int:
-        """Checks a training step's inputs; returns the number of kept tokens."""
-        self._check_videos(imgs)
-        proj = getattr(self.patch_embed, "proj", None)  # a custom patch_embed may have none
-        if isinstance(getattr(proj, "weight", None), torch.Tensor):
-            _checks.check_dtype_matches(imgs, proj.weight)
-        len_keep = _checks.len_keep(self.patch_embed.num_patches, mask_ratio)
-        if noise is not None:
-            _checks.check_noise(noise, imgs.shape[0], self.patch_embed.num_patches, imgs.device)
-        return len_keep
-
-    def _check_decoder_inputs(self, x, ids_restore):
-        """x: the latent ``[N, K, D]`` (cls dropped); ids_restore ``[N, L]`` on x's device."""
-        _checks.check_floating(x, "x")
-        width, length = self.decoder_embed.in_features, self.patch_embed.num_patches
-        if x.dim() != 3 or x.shape[2] != width or x.shape[1] > length:
-            raise ValueError(
-                f"x must be the latent [N, K, {width}] with K <= {length}, got {tuple(x.shape)}"
-            )
-        if _checks.check_ids(ids_restore, "ids_restore", x.shape[0], x.device) != length:
-            raise ValueError(
-                f"ids_restore must have shape [{x.shape[0]}, {length}], "
-                f"got {tuple(ids_restore.shape)}"
-            )
-
-    def _check_loss_inputs(self, imgs, pred, mask):
-        self._check_videos(imgs)
-        length, pixels = self.patch_embed.num_patches, self.decoder_pred.out_features
-        _checks.check_pred_and_mask(pred, mask, imgs, length, pixels)
 
 
 def _check_pred_t_dim(num_frames, t_patch_size, pred_t_dim) -> None:
@@ -190,14 +162,3 @@ def _check_pred_t_dim(num_frames, t_patch_size, pred_t_dim) -> None:
             "num_frames (whole target frames per tubelet; a larger pred_t_dim than num_frames "
             "repeats frames, as mae_st's linspace does)"
         )
-
-
-VIDEO_FACTORIES = {
-    "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
-    "mae_vit_large_patch16": dict(
-        patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4
-    ),
-    "mae_vit_huge_patch14": dict(
-        patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4
-    ),
-}

@@ -23,17 +23,18 @@ import math
 
 import torch
 
-from fastmae import _checks, functional
+from fastmae import _checks, _unchecked, functional
 from fastmae.base import draw_noise, make_factories
+from fastmae.config import VIDEO_FACTORIES
+from fastmae.fused import FusedSteps, random_masking_with_ids
 from fastmae.layers import takes_kept_patches
-from fastmae.model import FusedSteps, random_masking_with_ids
-from fastmae.video.base import VIDEO_FACTORIES, VideoMaskedAutoencoderBase
+from fastmae.video.base import VideoMaskedAutoencoderBase
 
 
 class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
     """Drop-in for mae_st's ``models_mae.MaskedAutoencoderViT``: same constructor, state_dict,
     outputs and masks under the same seed; the fused ops underneath. ``forward`` and
-    ``forward_encoder/decoder/loss`` are :class:`fastmae.model.FusedSteps`'s (check once, then
+    ``forward_encoder/decoder/loss`` are :class:`fastmae.fused.FusedSteps`'s (check once, then
     the steps below); ``forward_encoder`` takes the clip as mae_st names it, ``x``."""
 
     def _encoder(self, imgs, len_keep: int, noise):
@@ -41,7 +42,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         n, length = imgs.shape[0], self.patch_embed.num_patches
         if noise is None:
             noise = draw_noise(n, length, imgs.device)
-        ids_keep, ids_restore, mask = functional._random_masking_indices(noise, len_keep)
+        ids_keep, ids_restore, mask = _unchecked.random_masking_indices(noise, len_keep)
         cls_token = self.cls_token if self.cls_embed else None
         positions = self.position_table()
         if takes_kept_patches(self.patch_embed):
@@ -49,7 +50,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         else:
             tokens = self.patch_embed(imgs).reshape(n, length, -1)
             kept = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[2]))
-            x = functional._add_positions(kept, ids_keep, cls_token, positions)
+            x = _unchecked.add_positions(kept, ids_keep, cls_token, positions)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -61,7 +62,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         if self.cls_embed:
             x = torch.cat([self.decoder_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         positions = self.position_table("decoder_")
-        x = functional._unshuffle_tokens(
+        x = _unchecked.unshuffle_tokens(
             x, ids_restore, self.mask_token, positions, has_cls=self.cls_embed
         )
         for block in self.decoder_blocks:
@@ -73,7 +74,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         """-> the 0-dim loss over the removed tokens, targets read in place from imgs."""
         patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
         frames = self.target_frames(imgs.shape[2], imgs.device)
-        return functional._masked_pixel_loss(
+        return _unchecked.masked_pixel_loss(
             imgs, pred, mask, patch_size, self.norm_pix_loss, frames=frames
         )
 
@@ -81,14 +82,9 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
 
     def patchify(self, imgs):
         """imgs ``[N, C, T, H, W]`` -> ``[N, T/u' * h * w, u'*p*p*C]``, pixels ``(u', p, q, c)``."""
-        _checks.check_floating(imgs, "imgs")
-        patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
-        if imgs.dim() != 5 or any(s % p for s, p in zip(imgs.shape[2:], patch_size)):
-            raise ValueError(
-                f"imgs must be [N, C, T, H, W] with T, H, W divisible by {patch_size}, "
-                f"got shape {tuple(imgs.shape)}"
-            )
-        return functional._patchify(imgs, patch_size)
+        if isinstance(imgs, torch.Tensor) and imgs.dim() != 5:
+            raise ValueError(f"imgs must be [N, C, T, H, W], got shape {tuple(imgs.shape)}")
+        return functional.patchify(imgs, (self.t_pred_patch_size, *self.patch_embed.patch_size))
 
     def unpatchify(self, x):
         """The inverse of :meth:`patchify` for this model's frame size: ``[N, L, u'*p*p*C]`` ->
@@ -100,7 +96,7 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         if x.dim() != 3 or x.shape[1] % spatial or x.shape[2] % pixels or not x.shape[2]:
             raise ValueError(f"x must be [N, t*{spatial}, {pixels}*C], got shape {tuple(x.shape)}")
         grid = (x.shape[1] // spatial, *self.input_size[1:])
-        return functional._unpatchify(x, patch_size, grid)
+        return functional.unpatchify(x, patch_size, grid)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """x ``[N, L, D]`` -> ``(x_masked [N, K, D], mask [N, L], ids_restore, ids_keep)``."""

@@ -1,0 +1,84 @@
+"""The fused ops without input checks: backend choice (:mod:`fastmae.dispatch`) and the custom
+ops of ``fastmae.kernels``.
+
+:mod:`fastmae.functional` checks a call's inputs, then runs the op here. The models call these
+directly only inside a training step whose inputs they have already checked once; everything
+else goes through :mod:`fastmae.functional`. Shapes and dtypes are as documented there. Under
+``torch.func`` transforms (which custom ops do not support) each op runs its plain-torch
+reference instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastmae import reference
+from fastmae.dispatch import functorch_active, use_triton
+from fastmae.kernels.loss import masked_pixel_loss_op
+from fastmae.kernels.masking import masking_op
+from fastmae.kernels.patch_embed import add_positions_op
+from fastmae.kernels.patch_embed import embed_visible_patches as embed_kept_patches_op
+from fastmae.kernels.patchify import gather_patches_op, scatter_patches_op
+from fastmae.kernels.unshuffle import unshuffle_op
+
+
+def random_masking_indices(noise, len_keep: int):
+    if functorch_active():
+        return reference.masking_indices(noise, len_keep)
+    # The mask has the default dtype, as the official torch.ones; the op has no gradient.
+    mask_dtype = torch.get_default_dtype()
+    return masking_op(noise.detach(), len_keep, mask_dtype, use_triton(noise))
+
+
+def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
+    if functorch_active():
+        return reference.embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed)
+    triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
+    return embed_kept_patches_op(
+        imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
+    )
+
+
+def add_positions(tokens, ids_keep, cls_token, pos_embed):
+    if functorch_active():
+        return reference.add_positions(tokens, ids_keep, cls_token, pos_embed)
+    width = tokens.shape[2]
+    triton_path = use_triton(tokens, cls_token, pos_embed)
+    cls_token = None if cls_token is None else cls_token.reshape(width)
+    pos_embed = pos_embed.reshape(-1, width)
+    return add_positions_op(tokens, ids_keep.long(), cls_token, pos_embed, triton_path)
+
+
+def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True):
+    if functorch_active():
+        return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls)
+    width = x.shape[2]
+    triton_path = use_triton(x, mask_token, pos_embed)
+    mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
+    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, has_cls, triton_path)
+
+
+def patchify(imgs, patch_size):
+    if functorch_active():
+        return reference.patch_rows(imgs, patch_size)
+    return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
+
+
+def unpatchify(x, patch_size, grid_size):
+    if functorch_active():
+        return reference.unpatch_rows(x, patch_size, grid_size)
+    sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
+    image_shape = [x.shape[0], x.shape[2] // math.prod(patch_size), *sizes]
+    return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
+
+
+def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
+    if functorch_active():
+        return reference.masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames)
+    # The mask's gradient needs every patch's MSE, so only then are all patches read.
+    all_patches = mask.requires_grad and torch.is_grad_enabled()
+    triton_path = use_triton(imgs, pred, mask)
+    flags = (bool(norm_pix_loss), all_patches, triton_path)
+    return masked_pixel_loss_op(imgs, pred, mask, frames, list(patch_size), *flags)[0]

@@ -17,7 +17,7 @@ import fastmae
 import fastmae.video
 from fastmae import reference
 from fastmae.video import reference as video_reference
-from tests.helpers import TINY, TINY_CLIP, TINY_VITMAE
+from tests.configs import TINY, TINY_CLIP, TINY_VITMAE
 
 FAMILIES = ("image", "video", "hf")
 

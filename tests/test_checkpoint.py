@@ -13,7 +13,8 @@ from torch import nn
 import fastmae
 from fastmae import reference
 from fastmae.checkpoint import load_checkpoint, save_checkpoint
-from tests.helpers import TINY, TINY_VITMAE, rel_err
+from tests.configs import TINY, TINY_VITMAE
+from tests.helpers import assert_close
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=3, **TINY)
 
@@ -284,22 +285,12 @@ def test_against_transformers_vitmae(norm_pix):
     )
     hf = transformers.ViTMAEForPreTraining(config).eval()
     ours = fastmae.MaskedAutoencoderViT(
-        img_size=8,
-        patch_size=2,
-        in_chans=3,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=24,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        mlp_ratio=2.0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        norm_pix_loss=norm_pix,
+        **CONFIG, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=norm_pix
     )
     load_checkpoint(ours, hf.state_dict())
     imgs, noise = torch.randn(3, 3, 8, 8), torch.rand(3, 16)
     expected = hf(pixel_values=imgs, noise=noise)
     loss, pred, mask = ours(imgs, mask_ratio=0.75, noise=noise)
     assert torch.equal(mask, expected.mask)
-    assert rel_err(pred, expected.logits) <= 1e-5 and rel_err(loss, expected.loss) <= 1e-5
+    assert_close(pred, expected.logits)
+    assert_close(loss, expected.loss)

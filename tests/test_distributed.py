@@ -19,7 +19,7 @@ import torch
 import fastmae
 from fastmae.blocks import transformer_blocks
 from tests.clients import FAMILIES, family_step, make_family
-from tests.helpers import assert_tensors_match, rel_err
+from tests.helpers import assert_as_accurate, assert_tensors_match
 from tests.multiprocess import fsdp2, run_on_ranks
 
 WORLD_SIZE = 2
@@ -153,10 +153,10 @@ def assert_as_accurate_in_bf16(got: dict, oracle_bf16: dict, expected: dict) -> 
     def whole(grads):
         return torch.cat([grads[name].flatten() / expected[name].norm() for name in names])
 
-    assert rel_err(whole(got), whole(expected)) <= 2 * rel_err(whole(oracle_bf16), whole(expected))
+    bf16 = torch.bfloat16
+    assert_as_accurate(whole(got), whole(oracle_bf16), whole(expected), bf16, floor=False)
     for name in names:
-        limit = 4 * rel_err(oracle_bf16[name], expected[name]) + 1e-3
-        assert rel_err(got[name], expected[name]) <= limit, name
+        assert_as_accurate(got[name], oracle_bf16[name], expected[name], bf16, name, slack=4)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 
 import fastmae
 from fastmae import functional, reference
-from tests.helpers import TINY
+from tests.configs import TINY
 
 MODELS = [reference.MaskedAutoencoderViT, fastmae.MaskedAutoencoderViT]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastmae
 from fastmae import reference
-from tests.helpers import TINY
+from tests.configs import TINY
 
 FACTORIES = {
     "base": (reference.mae_vit_base_patch16_dec512d8b, 16, 768, 12),

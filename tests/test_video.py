@@ -13,17 +13,9 @@ from fastmae.kernels import launch_counts
 from fastmae.kernels._triton import fused_kernel_names
 from fastmae.layers import PatchEmbed3d
 from fastmae.video import reference
-from tests.helpers import TINY_CLIP, assert_tensors_match, rel_err, run_step
+from tests.configs import TINY_CLIP, TINY_VIDEO
+from tests.helpers import assert_close, assert_tensors_match, run_step
 
-TINY_VIDEO = dict(
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    decoder_embed_dim=8,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    mlp_ratio=2.0,
-)
 SHAPES = {
     # img_size, patch, in_chans, num_frames, t_patch_size, pred_t_dim
     "rgb": dict(TINY_CLIP, in_chans=3),
@@ -57,8 +49,8 @@ def clip(model, batch=3):
 
 def assert_same(fused_out, ref_out):
     assert torch.equal(fused_out[2], ref_out[2])
-    assert rel_err(fused_out[0], ref_out[0]) <= 1e-5
-    assert rel_err(fused_out[1], ref_out[1]) <= 1e-5
+    assert_close(fused_out[0], ref_out[0])
+    assert_close(fused_out[1], ref_out[1])
     assert "mask_token" in ref_out[3]
     assert_tensors_match(fused_out[3], ref_out[3])
 
@@ -93,7 +85,8 @@ def test_explicit_noise_and_trunc_init(backend):
     imgs, noise = clip(ref, 2), torch.rand(2, ref.patch_embed.num_patches)
     got, expected = fused(imgs, 0.5, noise=noise), ref(imgs, 0.5, noise=noise)
     assert torch.equal(got[2], expected[2])
-    assert rel_err(got[0], expected[0]) <= 1e-5 and rel_err(got[1], expected[1]) <= 1e-5
+    assert_close(got[0], expected[0])
+    assert_close(got[1], expected[1])
 
 
 def test_state_dict_is_mae_st_shaped():
@@ -151,10 +144,10 @@ def test_official_methods_match_reference(backend, fresh_seed):
     torch.manual_seed(fresh_seed)
     ref_latent, ref_mask, ref_ids = ref.forward_encoder(imgs, 0.75)
     assert latent.shape == ref_latent.shape and torch.equal(ids_restore, ref_ids)
-    assert rel_err(latent, ref_latent) <= 1e-5
+    assert_close(latent, ref_latent)
     pred = fused.forward_decoder(latent, ids_restore)
-    assert rel_err(pred, ref.forward_decoder(ref_latent, ref_ids)) <= 1e-5
-    assert rel_err(fused.forward_loss(imgs, pred, mask), ref.forward_loss(imgs, pred, mask)) <= 1e-5
+    assert_close(pred, ref.forward_decoder(ref_latent, ref_ids))
+    assert_close(fused.forward_loss(imgs, pred, mask), ref.forward_loss(imgs, pred, mask))
 
 
 def test_custom_patch_embed_class_runs_its_own_forward(backend, fresh_seed):
@@ -206,7 +199,7 @@ def test_loss_gradient_reaches_the_clip(backend, shape, norm_pix):
         (grad,) = torch.autograd.grad(model.forward_loss(imgs, pred, mask), imgs)
         grads.append(grad)
     assert grads[1].abs().sum() > 0
-    assert rel_err(grads[0], grads[1]) <= 1e-5
+    assert_close(grads[0], grads[1])
 
 
 @pytest.mark.parametrize(
@@ -233,7 +226,8 @@ def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True)(imgs, 0.75, noise=noise)
     assert torch.equal(compiled[2], eager[2])
-    assert rel_err(compiled[0], eager[0]) <= 1e-5 and rel_err(compiled[1], eager[1]) <= 1e-5
+    assert_close(compiled[0], eager[0])
+    assert_close(compiled[1], eager[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])

@@ -7,7 +7,7 @@ import torch
 
 import fastmae
 from fastmae import visualize
-from tests.helpers import TINY, TINY_CLIP
+from tests.configs import TINY, TINY_CLIP
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from fastmae import functional, reference
-from tests.helpers import rel_err
+from tests.helpers import assert_close
 
 CASES = [
     (2, 3, (8, 8), (4, 4)),
     (3, 1, (6, 10), (2, 2)),
     (5, 4, (12, 8), (4, 2)),
-    (7, 3, (20, 20), (2, 2)),
+    (7, 3, (10, 6), (2, 2)),  # prime batch, odd 5 x 3 grid: one program per patch row
 ]
 
 
@@ -28,13 +28,14 @@ def test_loss_matches_official(backend, n, c, size, patch, ratio, norm_pix, imgs
     ref_pred = pred.detach().clone().requires_grad_()
     loss = functional.masked_pixel_loss(imgs, pred, mask, patch, norm_pix)
     ref = reference.masked_pixel_loss(ref_imgs, ref_pred, mask, patch, norm_pix)
-    assert loss.shape == () and rel_err(loss, ref) <= 1e-6
+    assert loss.shape == ()
+    assert_close(loss, ref, "op")
     (loss * 3.0).backward()
     (ref * 3.0).backward()
-    assert rel_err(pred.grad, ref_pred.grad) <= 1e-6
+    assert_close(pred.grad, ref_pred.grad, "op")
     assert torch.all(pred.grad[mask == 0] == 0)
     if imgs_grad:
-        assert rel_err(imgs.grad, ref_imgs.grad) <= 1e-5
+        assert_close(imgs.grad, ref_imgs.grad)
 
 
 def test_weighted_mask(backend):
@@ -43,10 +44,10 @@ def test_weighted_mask(backend):
     ref_pred = pred.detach().clone().requires_grad_()
     loss = functional.masked_pixel_loss(imgs, pred, mask, 2, True)
     ref = reference.masked_pixel_loss(imgs, ref_pred, mask, 2, True)
-    assert rel_err(loss, ref) <= 1e-6
+    assert_close(loss, ref, "op")
     loss.backward()
     ref.backward()
-    assert rel_err(pred.grad, ref_pred.grad) <= 1e-6
+    assert_close(pred.grad, ref_pred.grad, "op")
 
 
 def test_all_kept_mask_gives_zero_not_nan(backend):
@@ -64,7 +65,8 @@ def test_low_precision_pred_has_fp32_statistics(dtype):
     mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
     loss = functional.masked_pixel_loss(imgs, pred, mask, 4, True)
     ref = reference.masked_pixel_loss(imgs, pred.detach().float(), mask, 4, True)
-    assert torch.isfinite(loss) and rel_err(loss, ref) <= 1e-6
+    assert torch.isfinite(loss)
+    assert_close(loss, ref, "op")
     loss.backward()
     assert pred.grad.dtype == dtype and torch.isfinite(pred.grad).all()
 
@@ -103,5 +105,5 @@ def test_strided_pred_is_read_without_a_copy(backend, norm_pix):
     assert copies == []
     expected = reference.masked_pixel_loss(imgs, twin[:, 1:].contiguous(), mask, 4, norm_pix)
     expected.backward()
-    assert rel_err(loss, expected) <= 1e-6
-    assert rel_err(decoder_out.grad, twin.grad) <= 1e-6
+    assert_close(loss, expected, "op")
+    assert_close(decoder_out.grad, twin.grad, "op")

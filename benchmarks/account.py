@@ -1,7 +1,7 @@
 """Device-independent accounting of an MAE training step: reference vs fastmae.
 
     python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16]
-                                 [--batch 8] [--dtype bf16|fp32] [--profile h100-sxm]
+                                 [--batch 8] [--dtype bf16|fp32] [--profile h200|h100-sxm]
     python -m benchmarks.account --memory [--ranks 8]
 
 A ``video.`` model is mae_st's, at its default clip (16 frames, tubelets of 2, 224 px) and
@@ -38,6 +38,7 @@ import fastmae
 import fastmae.video
 from fastmae import reference
 from fastmae.blocks import CHECKPOINT_MODES, SELECTIVE_SAVED_OPS, transformer_blocks
+from fastmae.config import MASK_RATIO, VIDEO_CLIP, VIDEO_MASK_RATIO
 from fastmae.kernels._triton import FUSED_OPS
 
 REGIONS = (
@@ -50,9 +51,12 @@ REGIONS = (
 # The regions the fused ops replace: everything outside the transformer blocks but the GEMMs.
 FUSED_REGIONS = ("patch embedding and masking", "decoder input", "prediction and loss")
 PROFILES = {
-    # bandwidth in bytes/s (measured device copy, not the datasheet), peak matmul FLOP/s.
+    # bandwidth in bytes/s (measured device copy, not the datasheet), peak matmul FLOP/s
+    # (bf16 measured; fp32 is TF32 on the tensor cores, taken as half the bf16 rate).
+    "h200": dict(bandwidth=4.3e12, peak={"bf16": 790e12, "fp32": 395e12}),
     "h100-sxm": dict(bandwidth=3.0e12, peak={"bf16": 700e12, "fp32": 350e12}),
 }
+DEFAULT_PROFILE = "h200"  # the GPU this project is lent
 MATMUL_TYPES = ("GEMM", "attention")
 WEIGHT_CAST = "weight cast (once per step)"
 
@@ -304,7 +308,7 @@ MEMORY_TABLE = ("<!-- memory-table:start -->", "<!-- memory-table:end -->")
 REPOSITORY = os.path.join(os.path.dirname(__file__), "..")
 
 
-def fused_op_table(batch: int = 256, profile_name: str = "h100-sxm") -> str:
+def fused_op_table(batch: int = 256, profile_name: str = DEFAULT_PROFILE) -> str:
     """kernels/README.md's byte table: what each fused op's kernels move in one ViT-B/16
     training step (224 px, ratio 0.75, bf16 autocast), from the ops' registered byte counts.
     The transformer blocks move none of it, so the model is built without them."""
@@ -458,11 +462,6 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     return "\n".join(out)
 
 
-# mae_st's default clip and mask ratio (benchmarks/test_video.py times the same).
-VIDEO_DEFAULT = dict(num_frames=16, t_patch_size=2, pred_t_dim=8)
-VIDEO_RATIO = 0.9
-
-
 def build(impl: str, model_name: str, **kwargs):
     """(model, mask ratio) for ``reference`` or ``fastmae``; ``video.<factory>`` names are
     mae_st's models at its default clip and ratio 0.9. ``kwargs`` go to the factory."""
@@ -470,9 +469,9 @@ def build(impl: str, model_name: str, **kwargs):
     if model_name.startswith("video."):
         module = fastmae.video if impl == "fastmae" else fastmae.video.reference
         factory = getattr(module, model_name.removeprefix("video."))
-        return factory(**{**VIDEO_DEFAULT, **kwargs}), VIDEO_RATIO
+        return factory(**{**VIDEO_CLIP, **kwargs}), VIDEO_MASK_RATIO
     module = fastmae if impl == "fastmae" else reference
-    return getattr(module, model_name)(**kwargs), 0.75
+    return getattr(module, model_name)(**kwargs), MASK_RATIO
 
 
 def sample_batch(model, batch: int) -> torch.Tensor:
@@ -529,7 +528,7 @@ def memory_plan(model_name: str, ranks: int, batch: int = 2, **kwargs) -> Memory
     under bf16 autocast, from one counted step per mode of a batch of ``batch``."""
     model, ratio = build("fastmae", model_name, **kwargs)
     imgs = sample_batch(model, batch)
-    profile = PROFILES["h100-sxm"]  # the roofline does not enter the memory
+    profile = PROFILES[DEFAULT_PROFILE]  # the roofline does not enter the memory
     tallies = {}
     with fastmae.use_backend("torch"):
         for mode in MEMORY_MODES:  # eager first: then each mode in place
@@ -595,12 +594,12 @@ def main(argv=None) -> str:
     parser.add_argument("--models", default="mae_vit_base_patch16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="h100-sxm")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
     parser.add_argument(
         "--readme",
         action="store_true",
-        help="rewrite kernels/README.md's fused-op byte table (with --memory: README.md's "
-        "memory table)",
+        help="rewrite kernels/README.md's fused-op byte table (with --memory: "
+        "benchmarks/README.md's memory table)",
     )
     parser.add_argument(
         "--memory", action="store_true", help="print the memory table (saved activations, batch)"
@@ -610,7 +609,9 @@ def main(argv=None) -> str:
     if options.memory:
         table = memory_table(options.ranks)
         if options.readme:
-            write_readme_table(os.path.join(REPOSITORY, "README.md"), table, MEMORY_TABLE)
+            write_readme_table(
+                os.path.join(REPOSITORY, "benchmarks", "README.md"), table, MEMORY_TABLE
+            )
         print(table)
         return table
     if options.readme:

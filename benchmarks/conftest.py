@@ -1,34 +1,40 @@
-"""pytest-benchmark setup: reference vs fastmae rows per group, honest timing on CPU and CUDA.
+"""pytest-benchmark setup: reference vs fastmae rows per group, timed paired on CPU and CUDA.
 
-- Both rows of a group get the same input sets; each call takes the next set, so a small op
-  is not timed out of cache.
-- Warm-up rounds (and torch.compile's compilation) run before the clock starts.
-- On CUDA the timed function ends with a synchronize, so the clock sees the GPU work.
+- Every row but the reference is timed paired with it: each round runs the reference step,
+  then the row's step, on the same input set, and the per-round ratios go to the row's
+  ``extra_info["paired"]`` (the summary's median speedup and 95% interval come from them).
+- Input sets rotate, so a small op is not timed out of cache; warm-up rounds (and
+  torch.compile's compilation, recorded as ``cold_s``) run before the clock starts; on CUDA
+  the timed function ends with a synchronize, so the clock sees the GPU work.
+- With ``--benchmark-disable`` (CI's smoke run) each step runs once, baseline included.
 
 Rows: ``reference`` and ``fastmae`` everywhere; the training step also has ``official`` (the
 reference with timm 0.3.2's explicit attention arithmetic instead of SDPA: what someone running
 facebookresearch/mae has) and, on a GPU or with ``--fastmae-compile-blocks``,
 ``reference+compile_blocks`` and ``fastmae+compile_blocks`` (:func:`fastmae.compile_blocks`).
-Each row records its cold first call (compilation included) as ``cold_s``.
 
 Options: ``--fastmae-compile`` adds ``reference+compile`` and ``fastmae+compile`` rows to the op
 groups, ``--fastmae-compile all`` to the training steps too (compiling a whole ViT takes minutes);
 ``--fastmae-compile-blocks`` adds the compile_blocks rows on the CPU;
 ``--fastmae-models`` (or FASTMAE_BENCH_MODELS) picks the training-step models, comma-separated;
-``--fastmae-batch`` (or FASTMAE_BENCH_BATCH) overrides the batch size.
+``--fastmae-batch`` (or FASTMAE_BENCH_BATCH) overrides the batch size;
+``--fastmae-results DIR`` (or FASTMAE_BENCH_RESULTS) writes the run's results file there.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from benchmarks.summary import summarize
+from benchmarks.account import count_bytes as bytes_moved
+from benchmarks.summary import machine_name, summarize, write_results
 
 GPU = torch.cuda.is_available()
 
@@ -51,6 +57,12 @@ def pytest_addoption(parser):
         help="comma-separated factory names for the training-step group",
     )
     group.addoption("--fastmae-batch", type=int, default=os.environ.get("FASTMAE_BENCH_BATCH"))
+    group.addoption(
+        "--fastmae-results",
+        metavar="DIR",
+        default=os.environ.get("FASTMAE_BENCH_RESULTS"),
+        help="write the run's results as DIR/<machine>-<date>.md and .json",
+    )
     group.addoption(
         "--fastmae-compile-blocks",
         action="store_true",
@@ -116,7 +128,7 @@ def settings(request) -> Settings:
         int(batch or 8),
         int(batch or 2),
         None,
-        rounds=10,
+        rounds=12,
         warmup=1,
         input_sets=2,
     )
@@ -143,37 +155,128 @@ def copy_gbps(settings) -> float | None:
     return 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
 
 
-@pytest.fixture
-def measure(request, benchmark, settings, copy_gbps):
-    """``measure(step, input_sets, bytes_moved)`` times ``step(*inputs)`` over rotating inputs."""
+def versions() -> dict:
+    """The versions a run used: Python, torch, Triton, and fastmae's commit where known."""
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
 
-    def run(step, input_sets, bytes_moved=None):
-        device = settings.device
-        calls = iter(range(10**9))
+        found["triton"] = triton.__version__
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    found["fastmae"] = commit or "unknown"
+    return found
 
-        def timed():
-            step(*input_sets[next(calls) % len(input_sets)])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
 
-        benchmark.extra_info.update(
-            impl=request.node.callspec.params["impl"],
-            device=settings.label(),
-            bytes=bytes_moved,
-            copy_gbps=copy_gbps,
-            peak_mb=None,
-        )
-        cold = time.perf_counter()
-        timed()  # the cold first call: compilation and autotuning, out of the clock
-        benchmark.extra_info["cold_s"] = time.perf_counter() - cold
-        for _ in range(settings.warmup - 1):
-            timed()
+@pytest.fixture(scope="session")
+def run_info(settings) -> dict:
+    """What every row records about the run: device, machine slug, date, versions."""
+    label = settings.label()
+    if settings.device.type == "cuda":
+        machine = machine_name(torch.cuda.get_device_name())
+    else:
+        machine = machine_name(f"cpu {platform.machine()} {os.cpu_count()}cores")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return dict(device=label, machine=machine, date=date, versions=versions())
+
+
+def training_step(model, forward, settings, mask_ratio=0.75):
+    """One optimisation step of ``model`` (``forward`` may be its compiled form), as the
+    official engine runs it, on a batch of images or clips."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95))
+
+    def step(imgs):
+        with settings.autocast():
+            loss, _, _ = forward(imgs, mask_ratio=mask_ratio)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_timer(step, input_sets, device):
+    """``timed(index)`` runs ``step`` on input set ``index`` (modulo their number) and returns
+    its wall time; on CUDA it ends with a synchronize, so the clock sees the GPU work."""
+
+    def timed(index: int) -> float:
+        start = time.perf_counter()
+        step(*input_sets[index % len(input_sets)])
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return timed
+
+
+@pytest.fixture
+def measure(request, benchmark, settings, copy_gbps, run_info):
+    """``measure(make_step, input_sets, count_bytes=True)`` times ``make_step(impl)(*inputs)``
+    over rotating input sets.
+
+    ``make_step(impl)`` builds the step of one row (``"reference"``, ``"fastmae"``, ...). A row
+    other than the reference is timed paired: each round first runs the reference step on an
+    input set (timed here), then the row's step on the same set (timed by pytest-benchmark and
+    here); the per-round ratios go to ``extra_info["paired"]``. ``count_bytes`` rates the
+    group by the bytes the fastmae step moves (:func:`benchmarks.account.count_bytes`).
+    """
+
+    def run(make_step, input_sets, count_bytes=True):
+        impl = request.node.callspec.params["impl"]
+        step = step_timer(make_step(impl), input_sets, settings.device)
+        nbytes = bytes_moved(make_step("fastmae"), *input_sets[0]) if count_bytes else None
+        benchmark.extra_info.update(
+            run_info, impl=impl, bytes=nbytes, copy_gbps=copy_gbps, peak_mb=None, paired=None
+        )
+        rounds = iter(range(10**9))
+        if benchmark.disabled:  # a smoke run: each step once
+            baseline = step_timer(make_step("reference"), input_sets, settings.device)
+
+            def baseline_once():
+                baseline(0)
+                return (0,), {}
+
+            benchmark.pedantic(step, setup=baseline_once, rounds=1)
+            return
+        benchmark.extra_info["cold_s"] = step(next(rounds))  # compilation and autotuning
+        for _ in range(settings.warmup - 1):
+            step(next(rounds))
+        if settings.device.type == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            timed()
+            step(next(rounds))
             benchmark.extra_info["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        benchmark.pedantic(timed, rounds=settings.rounds, iterations=1, warmup_rounds=1)
+        if impl == "reference":
+            benchmark.pedantic(
+                step, setup=lambda: ((next(rounds),), {}), rounds=settings.rounds, warmup_rounds=1
+            )
+            return
+        baseline = step_timer(make_step("reference"), input_sets, settings.device)
+        for _ in range(settings.warmup):
+            baseline(0)
+        pairs = []
+
+        def baseline_then_row():
+            index = next(rounds)
+            pairs.append([baseline(index)])
+            return (index,), {}
+
+        def row(index):
+            pairs[-1].append(step(index))
+
+        benchmark.pedantic(row, setup=baseline_then_row, rounds=settings.rounds, warmup_rounds=1)
+        ratios = [reference / fused for reference, fused in pairs[1:]]  # after the warm-up round
+        benchmark.extra_info["paired"] = dict(baseline="reference", ratios=ratios)
 
     return run
 
@@ -189,3 +292,7 @@ def pytest_terminal_summary(terminalreporter, config):
         if b
     ]
     terminalreporter.write_line(summarize(rows))
+    directory = config.getoption("--fastmae-results")
+    if directory:
+        path = write_results(rows, directory)
+        terminalreporter.write_line(f"results: {path} and {path[:-3]}.json")

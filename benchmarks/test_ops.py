@@ -16,13 +16,17 @@ import pytest
 import torch
 
 import fastmae
-from benchmarks.account import count_bytes
 from fastmae import functional, reference
+from fastmae.config import image_step
 
-IMG, PATCH, WIDTH, DECODER_WIDTH, RATIO = 224, 16, 768, 512, 0.75
-LENGTH = (IMG // PATCH) ** 2
-KEEP = int(LENGTH * (1 - RATIO))
-PIXELS = PATCH * PATCH * 3
+SIZES = image_step("mae_vit_base_patch16_dec512d8b")
+IMG, PATCH, WIDTH, DECODER_WIDTH = (
+    SIZES.img_size,
+    SIZES.patch_size,
+    SIZES.width,
+    SIZES.decoder_width,
+)
+RATIO, LENGTH, KEEP, PIXELS = SIZES.mask_ratio, SIZES.length, SIZES.keep, SIZES.pixels
 
 
 def op_model(impl: str, device, norm_pix=False):
@@ -72,7 +76,7 @@ def test_masking_encoder_input(benchmark, measure, settings, impl):
 
         return step
 
-    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
+    measure(make_step, inputs)
 
 
 @pytest.mark.benchmark(group="decoder-unshuffle")
@@ -101,7 +105,7 @@ def test_decoder_unshuffle(benchmark, measure, settings, impl):
 
         return step
 
-    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
+    measure(make_step, inputs)
 
 
 @pytest.mark.benchmark(group="patchify")
@@ -123,7 +127,7 @@ def test_patchify(benchmark, measure, settings, impl):
 
         return step
 
-    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
+    measure(make_step, inputs)
 
 
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
@@ -148,4 +152,4 @@ def test_loss(benchmark, measure, settings, impl, norm_pix):
 
         return step
 
-    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
+    measure(make_step, inputs)

@@ -14,18 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.account import VIDEO_DEFAULT, VIDEO_RATIO, count_bytes
-from benchmarks.conftest import GPU
+from benchmarks.conftest import GPU, training_step
 from fastmae import video
+from fastmae.config import IMAGE_SIZE, VIDEO_CLIP, video_step
 from fastmae.video import reference
 
-RATIO = VIDEO_RATIO
-LENGTH = 16 // 2 * 14 * 14  # tubelets of the ViT-L default
-KEEP = int(LENGTH * (1 - RATIO))
-WIDTH, PIXELS = 1024, 1 * 16 * 16 * 3  # encoder width; target pixels per tubelet (u' = 1)
+SIZES = video_step("mae_vit_large_patch16")  # the ViT-L default
+RATIO, LENGTH, KEEP = SIZES.mask_ratio, SIZES.length, SIZES.keep
+WIDTH, PIXELS = SIZES.width, SIZES.pixels  # encoder width; target pixels per tubelet
 STEP_BATCH = 16 if GPU else 1
 STEP = (
-    ("mae_vit_large_patch16", dict(VIDEO_DEFAULT))
+    ("mae_vit_large_patch16", dict(VIDEO_CLIP, img_size=IMAGE_SIZE))
     if GPU
     else (
         "mae_vit_base_patch16",
@@ -48,12 +47,12 @@ def eager_only(impl):
 
 def op_model(impl, device, norm_pix=False):
     """The ViT-L default's embedding, tables and loss, without transformer blocks."""
-    config = dict(VIDEO_DEFAULT, depth=0, decoder_depth=0, norm_pix_loss=norm_pix)
+    config = dict(VIDEO_CLIP, depth=0, decoder_depth=0, norm_pix_loss=norm_pix)
     return video_model(impl, device, **config)
 
 
 def clips(settings, batch, requires_grad=False):
-    shape = (batch, 3, VIDEO_DEFAULT["num_frames"], 224, 224)
+    shape = (batch, SIZES.in_chans, SIZES.num_frames, SIZES.img_size, SIZES.img_size)
     return torch.randn(shape, device=settings.device, requires_grad=requires_grad)
 
 
@@ -62,22 +61,17 @@ def test_video_train_step(benchmark, measure, settings, impl):
     benchmark.group = f"video train-step {STEP_LABEL} n={STEP_BATCH}"
     eager_only(impl)
     name, config = STEP
-    model = video_model(impl, settings.device, name, **config, norm_pix_loss=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95))
-    embed = model.patch_embed
+
+    def make_step(impl):
+        model = video_model(impl, settings.device, name, **config, norm_pix_loss=True)
+        return training_step(model, model, settings, mask_ratio=RATIO)
+
+    size = (config["num_frames"], config["img_size"], config["img_size"])
     inputs = [
-        (torch.randn(STEP_BATCH, 3, embed.frames, *embed.img_size, device=settings.device),)
+        (torch.randn(STEP_BATCH, 3, *size, device=settings.device),)
         for _ in range(settings.input_sets)
     ]
-
-    def step(imgs):
-        with settings.autocast():
-            loss, _, _ = model(imgs, mask_ratio=RATIO)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    measure(step, inputs)
+    measure(make_step, inputs, count_bytes=False)
 
 
 def _batch(settings):
@@ -99,7 +93,7 @@ def measure_op(measure, settings, impl, inputs, method: str, norm_pix=False):
 
         return step
 
-    measure(make_step(impl), inputs, bytes_moved=count_bytes(make_step("fastmae"), *inputs[0]))
+    measure(make_step, inputs)
 
 
 @pytest.mark.benchmark(group="video encoder-input")

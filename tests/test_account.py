@@ -9,9 +9,9 @@ from benchmarks import account
 from fastmae import reference
 from fastmae.kernels import loss
 from fastmae.kernels._triton import FUSED_OPS
-from tests.helpers import TINY, TINY_CLIP
+from tests.configs import TINY, TINY_CLIP, TINY_IMAGE
 
-CONFIG = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
+CONFIG = TINY_IMAGE
 
 
 def tallies():
@@ -25,7 +25,9 @@ def tallies():
         torch.manual_seed(1)
         imgs = torch.randn(4, 3, 8, 12)
         with fastmae.use_backend("torch"):
-            out[name] = account.account_step(model, imgs, "fp32", account.PROFILES["h100-sxm"])
+            out[name] = account.account_step(
+                model, imgs, "fp32", account.PROFILES[account.DEFAULT_PROFILE]
+            )
     return out
 
 
@@ -46,7 +48,7 @@ def test_accounting_is_deterministic_and_shows_the_fused_regions():
         assert fused.saved[region] == ref.saved[region], region
     assert any(kind == "fastmae fused op" for _, kind in fused.bytes)
     assert sum(fused.saved.values()) < sum(ref.saved.values())
-    text = account.report("tiny", first, 4, "fp32", "h100-sxm")
+    text = account.report("tiny", first, 4, "fp32", account.DEFAULT_PROFILE)
     for title in ("Saved activations", "Traffic and FLOPs by region", "by op type", "Modelled"):
         assert title in text
 
@@ -87,7 +89,7 @@ def test_video_step_accounting_shows_the_fused_regions():
         torch.manual_seed(1)
         clips = torch.randn(3, 3, 4, 8, 8)
         with fastmae.use_backend("torch"):
-            profile = account.PROFILES["h100-sxm"]
+            profile = account.PROFILES[account.DEFAULT_PROFILE]
             tallies[name] = account.account_step(model, clips, "fp32", profile, 0.5)
     ref, fused = tallies["reference"], tallies["fastmae"]
 
@@ -98,7 +100,7 @@ def test_video_step_accounting_shows_the_fused_regions():
         assert region_bytes(fused, region) < region_bytes(ref, region), region
     for region in ("encoder blocks", "decoder blocks"):
         assert region_bytes(fused, region) == region_bytes(ref, region), region
-    assert "per clip" in account.report("video.tiny", tallies, 3, "fp32", "h100-sxm")
+    assert "per clip" in account.report("video.tiny", tallies, 3, "fp32", account.DEFAULT_PROFILE)
 
 
 def test_checkpointed_saved_activations_are_what_checkpointing_keeps():
@@ -114,7 +116,7 @@ def test_checkpointed_saved_activations_are_what_checkpointing_keeps():
             if mode != "eager":
                 fastmae.checkpoint_blocks(model, mode)
             checkpoint = None if mode == "eager" else mode
-            profile = account.PROFILES["h100-sxm"]
+            profile = account.PROFILES[account.DEFAULT_PROFILE]
             tally = account.account_step(model, imgs, "fp32", profile, 0.75, checkpoint, False)
             saved[mode] = dict(tally.saved)
     num_patches, kept = 24, 6  # an 8 x 12 image in patches of 2, ratio 0.75
@@ -157,9 +159,9 @@ def test_memory_plan_counts_states_and_batches():
 
 
 def test_readme_memory_table_is_current():
-    """README.md's memory table is what python -m benchmarks.account --memory prints today
-    (checked on its first row, the quickest to count)."""
-    readme = (pathlib.Path(account.__file__).parent.parent / "README.md").read_text()
+    """benchmarks/README.md's memory table is what python -m benchmarks.account --memory
+    prints today (checked on its first row, the quickest to count)."""
+    readme = (pathlib.Path(account.__file__).parent / "README.md").read_text()
     start, end = (readme.index(marker) for marker in account.MEMORY_TABLE)
     printed = readme[start + len(account.MEMORY_TABLE[0]) : end].strip().splitlines()
     first = next(iter(account.MEMORY_MODELS))

@@ -1,14 +1,22 @@
-"""The benchmark summary and plot: speedups over the reference and official rows, a PNG."""
+"""The benchmark summary, results files, comparison and plot."""
 
 import json
+import math
+import random
+import re
+from pathlib import Path
 
 import pytest
 
 from benchmarks import plot, summary
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def row(group, impl, median, peak=None, cold=None, nbytes=None):
+
+def row(group, impl, median, peak=None, cold=None, nbytes=None, ratios=None):
     info = dict(impl=impl, device="test device", peak_mb=peak, cold_s=cold, bytes=nbytes)
+    info.update(machine="test-machine", date="2026-12-03", versions={"torch": "2.13.0"})
+    info["paired"] = None if ratios is None else dict(baseline="reference", ratios=ratios)
     return dict(group=group, name=f"{group}[{impl}]", median=median, extra_info=info)
 
 
@@ -50,3 +58,102 @@ def test_plot_writes_a_png_from_a_json_run(tmp_path):
     output = tmp_path / "speedup.png"
     plot.main([str(results), "-o", str(output)])
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("n", [6, 10, 12, 20, 41])
+def test_median_interval_is_the_binomial_order_statistic_interval(n):
+    values = random.Random(n).sample(range(1000), n)
+    median, low, high = summary.median_interval(values)
+    ordered = sorted(values)
+    # k values may lie below the interval: the largest k with P(Binomial(n, 1/2) < k) <= 2.5%
+    k = max(j for j in range(n) if sum(math.comb(n, i) for i in range(j)) / 2**n <= 0.025)
+    assert (low, high) == (ordered[k - 1], ordered[n - k])
+    assert low <= median <= high
+    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+    assert coverage >= 0.95
+
+
+def test_median_interval_needs_six_values_at_95_percent():
+    assert summary.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) == (3.0, None, None)
+    assert summary.median_interval([1, 2, 3, 4, 5, 6])[1:] == (1, 6)
+
+
+@pytest.mark.parametrize(
+    "low,high,expected",
+    [
+        (1.2, 1.4, "faster"),
+        (0.7, 0.9, "slower"),
+        (0.95, 1.1, "no clear difference"),
+        (0.6, 1.4, "too wide to conclude"),
+        (1.1, 1.9, "too wide to conclude"),
+        (None, None, "too few rounds"),
+    ],
+)
+def test_verdict(low, high, expected):
+    assert summary.verdict(low, high) == expected
+
+
+PAIRED = [
+    row("loss-pix", "reference", 3.0),
+    row("loss-pix", "fastmae", 1.0, ratios=[1.9, 2.0, 2.1, 2.05, 1.95, 2.2, 1.8, 2.0]),
+    row("patchify", "reference", 3.0),
+    row("patchify", "fastmae", 1.0, ratios=[0.5, 3.0, 1.0, 2.0, 0.8, 1.1, 1.5, 0.9]),
+]
+
+
+def test_paired_rows_report_the_median_ratio_and_its_interval():
+    table = summary.speedups(PAIRED)
+    loss = table["loss-pix"]["fastmae"]
+    # the paired median, not the ratio of the two rows' medians (3.0)
+    assert loss["vs_reference"] == pytest.approx(2.0) and loss["rounds"] == 8
+    assert (loss["low"], loss["high"]) == (1.8, 2.2) and loss["verdict"] == "faster"
+    assert table["patchify"]["fastmae"]["verdict"] == "too wide to conclude"
+    text = summary.summarize(PAIRED)
+    assert "1.80-2.20" in text and "too wide to conclude" in text
+
+
+def test_results_are_written_as_markdown_and_json_without_overwriting(tmp_path):
+    first = summary.write_results(PAIRED, str(tmp_path))
+    second = summary.write_results(PAIRED, str(tmp_path))
+    assert first == str(tmp_path / "test-machine-2026-12-03.md")
+    assert second == str(tmp_path / "test-machine-2026-12-03-2.md")
+    record = json.loads((tmp_path / "test-machine-2026-12-03.json").read_text())
+    assert record["machine"] == "test-machine" and record["versions"] == {"torch": "2.13.0"}
+    assert record["groups"]["loss-pix"]["fastmae"]["low"] == 1.8
+    markdown = (tmp_path / "test-machine-2026-12-03.md").read_text()
+    assert "| loss-pix | fastmae | 1000.000 | 2.00 | 1.80-2.20 | faster |" in markdown
+
+
+def test_compare_flags_changes_beyond_the_measured_noise(tmp_path, capsys):
+    old = summary.write_results(PAIRED, str(tmp_path))
+    faster_loss = [2 * r for r in PAIRED[1]["extra_info"]["paired"]["ratios"]]
+    shifted_patchify = [r * 1.1 for r in PAIRED[3]["extra_info"]["paired"]["ratios"]]
+    new_rows = [
+        PAIRED[0],
+        row("loss-pix", "fastmae", 0.5, ratios=faster_loss),
+        PAIRED[2],
+        row("patchify", "fastmae", 0.9, ratios=shifted_patchify),
+    ]
+    new = summary.write_results(new_rows, str(tmp_path))
+    summary.main(["--compare", old.replace(".md", ".json"), new.replace(".md", ".json")])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[3:]}
+    assert lines["loss-pix"].endswith("CHANGED") and "2.00x" in lines["loss-pix"]
+    assert lines["patchify"].endswith("within noise")
+
+
+def test_machine_names_are_file_name_slugs():
+    assert summary.machine_name("NVIDIA H200") == "nvidia-h200"
+    assert summary.machine_name("cpu x86_64 2cores") == "cpu-x86_64-2cores"
+
+
+def test_gpu_check_fits_in_eight_minutes():
+    """A lent GPU has 15 minutes with its start: the check's own timeouts must leave a rerun."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    budget = re.search(r"^TESTS_S=.*$", script, re.M).group(0)
+    steps = dict(item.split("=") for item in budget.split())
+    assert set(steps) == {"TESTS_S", "STATIC_S", "BENCH_S", "PLOT_S", "ACCOUNT_S"}
+    assert sum(int(seconds) for seconds in steps.values()) <= 8 * 60
+    # every command that runs is under one of those timeouts
+    timed = re.findall(r'timeout -k 5 "\$(\w+)"', script)
+    assert sorted(timed) == sorted(steps)
+    assert len(re.findall(r"python -m (pytest|benchmarks)", script)) == len(timed)

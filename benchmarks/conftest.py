@@ -1,8 +1,9 @@
 """pytest-benchmark setup: reference vs fastmae rows per group, timed paired on CPU and CUDA.
 
-- Every row but the reference is timed paired with it: each round runs the reference step,
-  then the row's step, on the same input set, and the per-round ratios go to the row's
-  ``extra_info["paired"]`` (the summary's median speedup and 95% interval come from them).
+- Every row but the reference is timed paired with it: each round runs the reference step
+  right before or right after the row's step (at random), on the same input set, and the
+  per-round ratios go to the row's ``extra_info["paired"]`` (the summary's median speedup and
+  95% interval come from them).
 - Input sets rotate, so a small op is not timed out of cache; warm-up rounds (and
   torch.compile's compilation, recorded as ``cold_s``) run before the clock starts; on CUDA
   the timed function ends with a synchronize, so the clock sees the GPU work.
@@ -24,8 +25,10 @@ groups, ``--fastmae-compile all`` to the training steps too (compiling a whole V
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import platform
+import random
 import subprocess
 import time
 from dataclasses import dataclass
@@ -225,9 +228,10 @@ def measure(request, benchmark, settings, copy_gbps, run_info):
     over rotating input sets.
 
     ``make_step(impl)`` builds the step of one row (``"reference"``, ``"fastmae"``, ...). A row
-    other than the reference is timed paired: each round first runs the reference step on an
-    input set (timed here), then the row's step on the same set (timed by pytest-benchmark and
-    here); the per-round ratios go to ``extra_info["paired"]``. ``count_bytes`` rates the
+    other than the reference is timed paired: each round runs the reference step on an input
+    set (timed here) right before or right after the row's step on the same set (timed by
+    pytest-benchmark and here), at random; the per-round ratios go to
+    ``extra_info["paired"]``. ``count_bytes`` rates the
     group by the bytes the fastmae step moves (:func:`benchmarks.account.count_bytes`).
     """
 
@@ -264,18 +268,32 @@ def measure(request, benchmark, settings, copy_gbps, run_info):
         baseline = step_timer(make_step("reference"), input_sets, settings.device)
         for _ in range(settings.warmup):
             baseline(0)
+        # The reference runs right before or right after the row, at random, so that a load
+        # that comes and goes with the rounds' rhythm favours neither side (pytest-benchmark
+        # older than 5.2 has no teardown: there the reference always runs first).
+        order = random.Random(request.node.name)
+        random_order = "teardown" in inspect.signature(benchmark.pedantic).parameters
         pairs = []
 
-        def baseline_then_row():
+        def start_round():
             index = next(rounds)
-            pairs.append([baseline(index)])
+            before = not random_order or order.random() < 0.5
+            pairs.append(dict(reference=baseline(index) if before else None))
             return (index,), {}
 
         def row(index):
-            pairs[-1].append(step(index))
+            pairs[-1]["row"] = step(index)
 
-        benchmark.pedantic(row, setup=baseline_then_row, rounds=settings.rounds, warmup_rounds=1)
-        ratios = [reference / fused for reference, fused in pairs[1:]]  # after the warm-up round
+        def end_round(index):
+            if pairs[-1]["reference"] is None:
+                pairs[-1]["reference"] = baseline(index)
+
+        teardown = dict(teardown=end_round) if random_order else {}
+        benchmark.pedantic(
+            row, setup=start_round, rounds=settings.rounds, warmup_rounds=1, **teardown
+        )
+        # after the warm-up round
+        ratios = [pair["reference"] / pair["row"] for pair in pairs[1:]]
         benchmark.extra_info["paired"] = dict(baseline="reference", ratios=ratios)
 
     return run

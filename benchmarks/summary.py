@@ -9,10 +9,11 @@
 
 Every row but the reference is timed paired with the reference (``benchmarks/conftest.py``):
 each round runs the reference step right before or right after the row's step, at random, on
-the same inputs, so a change of machine load between rounds hits both. A row's speedup is the median of its per-round ratios
-(reference time / row time) with a distribution-free 95% interval for that median (order
-statistics of the ratios). A speedup is reported as a verdict only when the interval is narrow
-enough to decide; otherwise the row says ``too wide to conclude``.
+the same inputs, so a change of machine load between rounds hits both. A row's speedup is the
+median of its per-round ratios (reference time / row time) with a distribution-free 95%
+interval for that median (order statistics of the ratios). A speedup is reported as a verdict
+only when the interval is narrow enough to decide; otherwise the row says ``too wide to
+conclude``.
 """
 
 from __future__ import annotations

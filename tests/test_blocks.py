@@ -34,7 +34,7 @@ def assert_same(got, expected):
     assert_close(got[1], expected[1])
     assert got[3].keys() == expected[3].keys()
     for name, grad in expected[3].items():
-        assert_close(got[3][name], grad, "model", name)
+        assert_close(got[3][name], grad, "gradient", name)
 
 
 def test_compile_blocks_equals_eager_and_shares_graphs(tmp_path):

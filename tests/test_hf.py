@@ -270,7 +270,7 @@ def test_trainer_two_steps_match_unpatched(backend, tmp_path, accumulation):
     assert_close(torch.tensor(fused_losses), torch.tensor(hf_losses))
     assert_close(torch.tensor(fused_loss), torch.tensor(hf_loss))
     # The key biases start at 0 and SGD moves them by lr x rounding noise: negligible.
-    assert_tensors_match(fused_params, hf_params)
+    assert_tensors_match(fused_params, hf_params, "model")
     launches = 2 * accumulation  # one loss backward per micro-batch
     assert (counts.get("_masked_loss_bwd_kernel", 0) == launches) == (backend == "triton")
 

@@ -45,7 +45,7 @@ def test_compile_fullgraph_matches_eager(backend):
     assert_close(compiled[0], eager[0])
     assert_close(compiled[1], eager[1])
     for name, grad in eager[3].items():
-        assert_close(compiled[3][name], grad, "model", name)
+        assert_close(compiled[3][name], grad, "gradient", name)
 
 
 def op_samples(use_triton: bool):

@@ -43,7 +43,7 @@ def test_drop_in_matches_reference(backend, config, ratio, norm_pix, fresh_seed)
     assert ref_out[3].keys() == fused_out[3].keys()
     assert "mask_token" in fused_out[3] and "cls_token" in fused_out[3]
     for name, grad in ref_out[3].items():
-        assert_close(fused_out[3][name], grad, "model", name)
+        assert_close(fused_out[3][name], grad, "gradient", name)
     if backend == "triton":
         assert fused_kernel_names() <= set(launch_counts())
     else:
@@ -60,7 +60,7 @@ def test_truncated_len_keep_matches_reference(backend, fresh_seed):
     assert torch.equal(ref_out[2], fused_out[2]) and fused_out[2].sum().item() == 2 * 81
     assert_close(fused_out[0], ref_out[0])
     for name, grad in ref_out[3].items():
-        assert_close(fused_out[3][name], grad, "model", name)
+        assert_close(fused_out[3][name], grad, "gradient", name)
 
 
 def test_gradients_are_bit_identical_between_runs(backend, fresh_seed):
@@ -127,7 +127,7 @@ def test_no_kept_patch_at_all(backend, fresh_seed):
     assert torch.equal(fused_out[2], torch.ones(3, 4)) and torch.equal(ref_out[2], fused_out[2])
     assert_close(fused_out[0], ref_out[0])
     for name, grad in ref_out[3].items():
-        assert_close(fused_out[3][name], grad, "model", name)
+        assert_close(fused_out[3][name], grad, "gradient", name)
 
 
 def test_forward_checks_the_images_once(monkeypatch, backend):

@@ -344,7 +344,7 @@ def test_double_model_is_exact(backend):
     assert_close(got[1], expected[1], "op", "pred", f64)
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
         if q.grad is not None:
-            assert_close(p.grad, q.grad, "model", name, f64)
+            assert_close(p.grad, q.grad, "gradient", name, f64)
     # float64 takes the torch path on every backend; only the masking ran (its noise is fp32).
     assert set(launch_counts()) <= {"_masking_kernel"}
 

@@ -249,14 +249,6 @@ def check_frames(frames, imgs) -> int:
     return frames.shape[0]
 
 
-def check_loss_inputs(imgs, pred, mask, patch_size) -> None:
-    """imgs floating ``[N, C, H, W]`` divisible by the patch; pred floating ``[N, L, ph*pw*C]``
-    and mask ``[N, L]`` on imgs' device."""
-    check_images(imgs, None, None)
-    patch, grid = check_patch_grid(imgs, patch_size)
-    check_pred_and_mask(pred, mask, imgs, math.prod(grid), math.prod(patch) * imgs.shape[1])
-
-
 def check_pred_and_mask(pred, mask, imgs, length: int, pixels: int) -> None:
     """pred floating ``[N, length, pixels]`` and mask ``[N, length]``, on imgs' device."""
     check_floating(pred, "pred")

@@ -36,9 +36,8 @@ from fastmae.config import NORM_PIX_EPS
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
     """imgs ``[N, C, H, W]`` -> ``[N, h*w, ph*pw*C]``, pixel index ``(i*pw + j)*C + c``."""
-    patch_size = to_2tuple(patch_size, "patch_size")
     _checks.check_images(imgs, None, None)
-    _checks.check_divisible(imgs.shape[2], imgs.shape[3], patch_size)
+    patch_size, _ = _checks.check_patch_grid(imgs, patch_size)
     return patch_rows(imgs, patch_size)
 
 

@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.account import count_bytes as bytes_moved
 from benchmarks.summary import machine_name, summarize, write_results
+from fastmae.config import MASK_RATIO
 
 GPU = torch.cuda.is_available()
 
@@ -193,7 +194,7 @@ def run_info(settings) -> dict:
     return dict(device=label, machine=machine, date=date, versions=versions())
 
 
-def training_step(model, forward, settings, mask_ratio=0.75):
+def training_step(model, forward, settings, mask_ratio=MASK_RATIO):
     """One optimisation step of ``model`` (``forward`` may be its compiled form), as the
     official engine runs it, on a batch of images or clips."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95))

@@ -9,6 +9,7 @@ import torch
 import fastmae
 from benchmarks.conftest import training_step
 from fastmae import reference
+from fastmae.config import IMAGE_SIZE
 from fastmae.layers import set_fused_attn
 
 
@@ -28,7 +29,7 @@ def test_train_step(benchmark, measure, settings, impl, model_name):
         return training_step(model, forward, settings)
 
     inputs = [
-        (torch.randn(settings.step_batch, 3, 224, 224, device=settings.device),)
+        (torch.randn(settings.step_batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=settings.device),)
         for _ in range(settings.input_sets)
     ]
     measure(make_step, inputs, count_bytes=False)

@@ -30,15 +30,7 @@ TINY_CLIP = dict(img_size=8, patch_size=4, num_frames=4, t_patch_size=2, pred_t_
 # A non-square image (8 x 12, 24 patches of 2 x 2) with norm_pix_loss, for model steps.
 TINY_IMAGE = dict(img_size=(8, 12), patch_size=2, in_chans=3, norm_pix_loss=True, **TINY)
 # The video models' own widths, smaller still: their clips have more tokens.
-TINY_VIDEO = dict(
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    decoder_embed_dim=8,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    mlp_ratio=2.0,
-)
+TINY_VIDEO = dict(TINY, embed_dim=16, depth=1, decoder_embed_dim=8)
 # Hugging Face ViTMAE at 32 px, patches of 8 (16 patches).
 TINY_HF = dict(
     image_size=32,

@@ -57,7 +57,7 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True
     width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
     mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
-    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, has_cls, triton_path)
+    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, has_cls, False, triton_path)
 
 
 def patchify(imgs, patch_size):
@@ -80,5 +80,7 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
     # The mask's gradient needs every patch's MSE, so only then are all patches read.
     all_patches = mask.requires_grad and torch.is_grad_enabled()
     triton_path = use_triton(imgs, pred, mask)
-    flags = (bool(norm_pix_loss), all_patches, triton_path)
-    return masked_pixel_loss_op(imgs, pred, mask, frames, list(patch_size), *flags)[0]
+    norm = "patch" if norm_pix_loss else "none"
+    return masked_pixel_loss_op(
+        imgs, pred, mask, None, frames, None, list(patch_size), norm, all_patches, triton_path
+    )[0]

@@ -22,20 +22,22 @@ def patch_corner(
     token,
     ids_ptr,
     T,
-    C,
     F,
     H,
-    W,
     grid_w,
+    stride_n,
+    stride_f,
+    stride_h,
+    stride_w,
     U: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_IDS: tl.constexpr,
 ):
-    """Offset (int64) in a video ``[N, C, F, H, W]`` of the first pixel of row ``token``
-    (= n*T + t)'s patch of ``U x PH x PW`` pixels: patch ``ids[token]`` with HAS_IDS, else
-    patch t, numbered ``(t, h, w)`` row-major. Also whether that patch exists: an id outside
-    ``[0, L)`` gives offset 0 and False, so callers mask every access through it."""
+    """Offset (int64) in a strided video ``[N, C, F, H, W]`` of the first pixel of row
+    ``token`` (= n*T + t)'s patch of ``U x PH x PW`` pixels: patch ``ids[token]`` with HAS_IDS,
+    else patch t, numbered ``(t, h, w)`` row-major. Also whether that patch exists: an id
+    outside ``[0, L)`` gives offset 0 and False, so callers mask every access through it."""
     image = token // T
     grid_hw = (H // PH) * grid_w
     if HAS_IDS:
@@ -46,8 +48,8 @@ def patch_corner(
         patch = token % T
         in_range = patch >= 0
     spatial = patch % grid_hw
-    corner = image * C * F * H * W + (patch // grid_hw) * U * H * W
-    corner += (spatial // grid_w) * PH * W + (spatial % grid_w) * PW
+    corner = image * stride_n + (patch // grid_hw) * U * stride_f
+    corner += (spatial // grid_w) * PH * stride_h + (spatial % grid_w) * PW * stride_w
     return corner, in_range
 
 

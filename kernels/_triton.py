@@ -89,6 +89,19 @@ def ids_in_range(ids: torch.Tensor, upper: int):
     return torch.where(in_range, ids, 0), in_range
 
 
+def sum_rows_by_ids(grad_rows: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The gradient ``[length, D]`` of a table whose row ``ids[n, t]`` was added to row t of
+    sample n (``grad_rows [N, T, D]``): a per-sample scatter, then a sum over samples. Each
+    sample names a row at most once, so this is exact and deterministic (no colliding atomics).
+    Ids outside ``[0, length)`` (possible only unchecked) add nothing."""
+    n, _, width = grad_rows.shape
+    safe_ids, in_range = ids_in_range(ids, length)
+    index = safe_ids[..., None].expand(-1, -1, width)
+    per_sample = grad_rows.new_zeros(n, length, width)
+    per_sample.scatter_add_(1, index, torch.where(in_range[..., None], grad_rows, 0))
+    return per_sample.sum(0)
+
+
 def nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from ._jit import row_tile, store_rows_plus_positions
-from ._triton import fused_op, ids_in_range, launch_row_tiles, nbytes, promoted_dtype, tl, triton
+from ._triton import (
+    fused_op,
+    ids_in_range,
+    launch_row_tiles,
+    nbytes,
+    promoted_dtype,
+    sum_rows_by_ids,
+    tl,
+    triton,
+)
 from .patchify import gather_patches_op
 
 
@@ -141,17 +150,9 @@ def _backward_add_positions(ctx, grad_out):
     grad_cls = grad_out[:, 0].sum(0).to(cls_dtype) if cls and needs[2] else None
     grad_pos = None
     if needs[3]:
-        # Frozen in the image MAE, trained in the video MAE: each sample keeps a patch at most
-        # once, so a per-sample scatter followed by a sum is exact and deterministic. Ids out
-        # of range (possible only unchecked) add zeros to row 0 instead of indexing outside.
-        n, _, width = grad_out.shape
-        length = ctx.pos_rows - cls
-        safe_ids, in_range = ids_in_range(ids_keep, length)
-        index = safe_ids[..., None].expand(-1, -1, width)
-        per_sample = grad_out.new_zeros(n, length, width)
-        per_sample.scatter_add_(1, index, torch.where(in_range[..., None], grad_out[:, cls:], 0))
-        rows = [grad_out[:, :cls].sum(0), per_sample.sum(0)]
-        grad_pos = torch.cat(rows).to(pos_dtype)
+        # Frozen in the image MAE, trained in the video MAE.
+        patches = sum_rows_by_ids(grad_out[:, cls:], ids_keep, ctx.pos_rows - cls)
+        grad_pos = torch.cat([grad_out[:, :cls].sum(0), patches]).to(pos_dtype)
     return grad_tokens, None, grad_cls, grad_pos, None
 
 

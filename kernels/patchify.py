@@ -23,9 +23,10 @@ def _tile_offsets(
     first_channel,
     frame,
     C,
-    F,
-    H,
-    W,
+    stride_c,
+    stride_f,
+    stride_h,
+    stride_w,
     U: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
@@ -35,13 +36,14 @@ def _tile_offsets(
     CHANNEL_LAST: tl.constexpr,
 ):
     """A ``[C_BLOCK, PH_BLOCK, PW_BLOCK]`` tile of frame ``frame`` of one patch: offsets in the
-    video (relative to the patch corner), offsets in the patch row, and validity. The innermost
-    axis runs along image columns, so video-side accesses are contiguous runs of PW pixels."""
+    strided video (relative to the patch corner), offsets in the patch row, and validity. The
+    innermost axis runs along image columns: with a unit column stride, video-side accesses are
+    contiguous runs of PW pixels."""
     channel = first_channel + tl.arange(0, C_BLOCK)[:, None, None]
     row = tl.arange(0, PH_BLOCK)[None, :, None]
     col = tl.arange(0, PW_BLOCK)[None, None, :]
     valid = (channel < C) & (row < PH) & (col < PW)
-    image_offsets = channel * F * H * W + frame * H * W + row * W + col
+    image_offsets = channel * stride_c + frame * stride_f + row * stride_h + col * stride_w
     if CHANNEL_LAST:
         patch_offsets = ((frame * PH + row) * PW + col) * C + channel
     else:
@@ -51,15 +53,19 @@ def _tile_offsets(
 
 @triton.jit
 def _copy_patches_kernel(
-    imgs_ptr,  # [N, C, F, H, W]: read, or written when TO_IMAGE (other patches left untouched)
+    imgs_ptr,  # [N, C, F, H, W] strided: read, or written when TO_IMAGE (others untouched)
     patches_ptr,  # [N, T, C*U*PH*PW]: written, or read when TO_IMAGE
     ids_ptr,  # [N, T] int64 patch index of each row (read only when HAS_IDS)
     T,
     C,
     F,
     H,
-    W,
     grid_w,
+    stride_n,
+    stride_c,
+    stride_f,
+    stride_h,
+    stride_w,
     U: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
@@ -73,7 +79,9 @@ def _copy_patches_kernel(
     """Grid ``(N*T,)``: each program copies one patch between the video and its row (the
     gather), or back (TO_IMAGE, the scatter), one frame and C_BLOCK channels a step."""
     token = tl.program_id(0).to(tl.int64)
-    corner, in_range = patch_corner(token, ids_ptr, T, C, F, H, W, grid_w, U, PH, PW, HAS_IDS)
+    corner, in_range = patch_corner(
+        token, ids_ptr, T, F, H, grid_w, stride_n, stride_f, stride_h, stride_w, U, PH, PW, HAS_IDS
+    )
     row_start = patches_ptr + token * (C * U * PH * PW)
     for frame in range(U):
         for first_channel in range(0, C, C_BLOCK):
@@ -81,9 +89,10 @@ def _copy_patches_kernel(
                 first_channel,
                 frame,
                 C,
-                F,
-                H,
-                W,
+                stride_c,
+                stride_f,
+                stride_h,
+                stride_w,
                 U,
                 PH,
                 PW,
@@ -113,9 +122,10 @@ def launch_config(channels: int, patch_size) -> dict:
 
 
 def as_video(imgs: Tensor, patch_size):
-    """``(imgs as [N, C, F, H, W], patch size as (u, ph, pw))``: an image is one frame."""
-    shape, patch_size = video_geometry(imgs.shape, patch_size)
-    return imgs.view(shape), patch_size
+    """``(imgs as [N, C, F, H, W], patch size as (u, ph, pw))``: an image is one frame. A view
+    with imgs' strides: the kernels and the torch paths read strided videos in place."""
+    _, patch_size = video_geometry(imgs.shape, patch_size)
+    return (imgs.unsqueeze(2) if imgs.dim() == 4 else imgs), patch_size
 
 
 def video_geometry(shape, patch_size):
@@ -143,8 +153,8 @@ def _copy_patches_triton(video, patches, ids, patch_size, channel_last: bool, to
         c,
         frames,
         height,
-        width,
         width // pw,
+        *video.stride(),
         U=u,
         PH=ph,
         PW=pw,
@@ -155,7 +165,7 @@ def _copy_patches_triton(video, patches, ids, patch_size, channel_last: bool, to
     )
 
 
-def _patch_view(video: Tensor, patch_size, channel_last: bool) -> Tensor:
+def patch_view(video: Tensor, patch_size, channel_last: bool) -> Tensor:
     """A strided view ``[N, t, h, w, *patch]`` of a video, patch as ``(u, ph, pw, C)`` or
     ``(C, u, ph, pw)``."""
     n, c, frames, height, width = video.shape
@@ -177,7 +187,7 @@ def _grid_index(ids: Tensor, view: Tensor):
 
 def _gather_torch(video, ids, patch_size, channel_last: bool):
     """-> ``[N, T, *patch]``, a new tensor (an op's output must not alias its input)."""
-    view = _patch_view(video, patch_size, channel_last)
+    view = patch_view(video, patch_size, channel_last)
     if ids is None:
         return video.new_empty(view.shape).copy_(view)
     index, in_range = _grid_index(ids, view)
@@ -185,7 +195,7 @@ def _gather_torch(video, ids, patch_size, channel_last: bool):
 
 
 def _scatter_torch(video, patches, ids, patch_size, channel_last: bool):
-    view = _patch_view(video, patch_size, channel_last)
+    view = patch_view(video, patch_size, channel_last)
     if ids is None:
         view.copy_(patches.view(view.shape))
         return
@@ -196,12 +206,13 @@ def _scatter_torch(video, patches, ids, patch_size, channel_last: bool):
 
 def gather_patches(imgs, ids: Optional[Tensor], patch_size, channel_last, use_triton):
     """imgs ``[N, C, H, W]`` (patch ``(ph, pw)``) or ``[N, C, F, H, W]`` (patch ``(u, ph,
-    pw)``) -> patches ``[N, T, u*ph*pw*C]`` of the same dtype.
+    pw)``), any strides (a permuted ``[N, F, C, H, W]`` clip is read in place) -> patches
+    ``[N, T, u*ph*pw*C]`` of the same dtype.
 
     ``ids [N, T]`` int64 selects patches (row-major over the ``(t, h, w)`` grid); None takes
     all L. An id outside ``[0, L)`` gives a row of zeros.
     """
-    video, patch_size = as_video(imgs.contiguous(), patch_size)
+    video, patch_size = as_video(imgs, patch_size)
     n, c, frames, height, width = video.shape
     u, ph, pw = patch_size
     length = (frames // u) * (height // ph) * (width // pw)

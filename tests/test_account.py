@@ -56,7 +56,7 @@ def test_accounting_is_deterministic_and_shows_the_fused_regions():
 def test_loss_kernel_bytes_count_the_patches_read():
     imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48, dtype=torch.bfloat16)
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 0]])
-    args = (imgs, pred, mask, None, [4, 4], True, False, False)
+    args = (imgs, pred, mask, None, None, None, [4, 4], "patch", False, False)
     outputs = loss.masked_pixel_loss_op(*args)
     counted = FUSED_OPS["fastmae::masked_pixel_loss"].bytes(*args, outputs=outputs)
     removed = 3  # patches with a nonzero weight: pixels fp32 + pred bf16 each

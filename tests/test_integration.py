@@ -61,12 +61,17 @@ def op_samples(use_triton: bool):
     video = torch.randn(n, 3, 4, 4, 12, requires_grad=True)  # 2 x 2 x 6 tubelets of 2 x 2 x 2
     frames = torch.tensor([0, 3])  # one target frame per temporal index: 2 x 2 x 6 patches
     video_pred = torch.randn(n, length, 12, requires_grad=True)
+    clip = torch.randn(n, 4, 3, 4, 12)  # HF VideoMAE's [N, F, C, H, W]: 2 x 2 x 6 tubelets
+    masked = length - keep
+    ids_shuffle = torch.argsort(mask, dim=1, stable=True)  # kept patches first, in order
+    ids_masked = ids_shuffle[:, keep:]
+    clip_pred = torch.randn(n, masked, 24, requires_grad=True)
     with torch.no_grad():
         _, _, weight, residual, mean, rstd, _ = loss.masked_pixel_loss_op(
-            imgs, pred, mask, None, [2, 2], True, False, use_triton
+            imgs, pred, mask, None, None, None, [2, 2], "patch", False, use_triton
         )
         _, _, video_weight, video_residual, video_mean, video_rstd, _ = loss.masked_pixel_loss_op(
-            video, video_pred, mask, frames, [1, 2, 2], True, False, use_triton
+            video, video_pred, mask, None, frames, None, [1, 2, 2], "patch", False, use_triton
         )
     scale = torch.full((1,), 0.01)
     image_geometry = ([n, 3, 8, 12], length, [2, 2], True, torch.float32)
@@ -97,9 +102,29 @@ def op_samples(use_triton: bool):
                 torch.randn(width, requires_grad=True),
                 torch.randn(length + 1, width),
                 True,
+                False,
             ),
         ),
-        (unshuffle.unshuffle_backward_op, (grad_out, ids_restore, keep, torch.float32, True)),
+        (
+            unshuffle.unshuffle_backward_op,
+            (grad_out, ids_restore, keep, torch.float32, True, False),
+        ),
+        # HF VideoMAE's decoder input: shuffled order, positions by ids_shuffle.
+        (
+            unshuffle.unshuffle_op,
+            (
+                torch.randn(n, keep, width, requires_grad=True),
+                ids_shuffle,
+                torch.randn(width, requires_grad=True),
+                torch.randn(length, width, requires_grad=True),
+                False,
+                True,
+            ),
+        ),
+        (
+            unshuffle.unshuffle_backward_op,
+            (grad_out[:, 1:], ids_shuffle, keep, torch.float32, False, True),
+        ),
         # The video MAE's forms: no cls row, tubelets, trainable positions, a frame table.
         (
             unshuffle.unshuffle_op,
@@ -108,6 +133,7 @@ def op_samples(use_triton: bool):
                 ids_restore,
                 torch.randn(width, requires_grad=True),
                 torch.randn(length, width, requires_grad=True),
+                False,
                 False,
             ),
         ),
@@ -122,12 +148,35 @@ def op_samples(use_triton: bool):
         ),
         (patchify.gather_patches_op, (video, ids_keep, [2, 2, 2], False)),
         (patchify.gather_patches_op, (video, None, [2, 2, 2], True)),
-        (loss.masked_pixel_loss_op, (video, video_pred, mask, frames, [1, 2, 2], True, False)),
-        (loss.masked_pixel_loss_op, (imgs, pred, mask, None, [2, 2], True, False)),
-        (loss.masked_pixel_loss_op, (imgs.detach(), pred, mask, None, [2, 2], False, False)),
         (
             loss.masked_pixel_loss_op,
-            (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), None, [2, 2], True, True),
+            (video, video_pred, mask, None, frames, None, [1, 2, 2], "patch", False),
+        ),
+        (loss.masked_pixel_loss_op, (imgs, pred, mask, None, None, None, [2, 2], "patch", False)),
+        (
+            loss.masked_pixel_loss_op,
+            (imgs.detach(), pred, mask, None, None, None, [2, 2], "none", False),
+        ),
+        (
+            loss.masked_pixel_loss_op,
+            (imgs, decoder_out[:, 1:], mask.clone().requires_grad_(), None, None, None, [2, 2])
+            + ("patch", True),
+        ),
+        # HF VideoMAE's form: a [N, F, C, H, W] clip read as a permuted view, pred rows by ids
+        # (the masked tubelets), un-normalised targets, per-channel normalisation.
+        (
+            loss.masked_pixel_loss_op,
+            (
+                clip.permute(0, 2, 1, 3, 4),
+                clip_pred,
+                torch.ones(n, masked),
+                ids_masked,
+                None,
+                torch.rand(2, 3) + 0.5,
+                [2, 2, 2],
+                "channel",
+                False,
+            ),
         ),
         (
             loss.masked_pixel_loss_backward_op,

@@ -154,6 +154,45 @@ def check_ids(ids, name: str, batch: int, device: torch.device, max_length=None)
     return ids.shape[1]
 
 
+def check_clip(pixel_values, frames: int, channels: int, size: tuple[int, int]) -> None:
+    """pixel_values must be a floating ``[N, T, C, H, W]`` clip (time before channels, as
+    Hugging Face's video models take it) of the given T, C and (H, W)."""
+    check_floating(pixel_values, "pixel_values")
+    expected = (frames, channels, *size)
+    if pixel_values.dim() != 5 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must be [N, T, C, H, W] = [N, {', '.join(map(str, expected))}], "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+
+
+def check_bool_masked_pos(bool_masked_pos, batch: int, length: int, device) -> None:
+    """bool_masked_pos must be a bool ``[batch, L]`` tensor on ``device``."""
+    check_tensor(bool_masked_pos, "bool_masked_pos")
+    if bool_masked_pos.dtype != torch.bool:
+        raise TypeError(f"bool_masked_pos must be a bool tensor, got {bool_masked_pos.dtype}")
+    check_shape(bool_masked_pos, "bool_masked_pos", (batch, length))
+    if bool_masked_pos.device != device:
+        raise ValueError(f"bool_masked_pos is on {bool_masked_pos.device}, expected {device}")
+
+
+def masked_per_sample(bool_masked_pos) -> int:
+    """The number of patches a checked ``bool_masked_pos [N, L]`` masks in each sample, which
+    must be the same in every sample (Hugging Face VideoMAE's contract, which HF's reshape
+    does not always enforce). Reads the counts on the host: one synchronisation, where HF's
+    boolean indexing makes several."""
+    counts = bool_masked_pos.sum(1)
+    if not counts.numel():
+        return 0
+    fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+    if fewest != most:
+        raise ValueError(
+            "bool_masked_pos must mask the same number of patches in every sample, got between "
+            f"{fewest} and {most}"
+        )
+    return most
+
+
 def check_decoder_inputs(x, ids_restore, width: int, length: int, has_cls: bool) -> None:
     """x: an encoder latent ``[N, S+K, width]`` (S = 1 with a cls row first), K <= ``length``;
     ids_restore: int ``[N, length]`` on x's device."""

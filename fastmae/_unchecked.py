@@ -84,3 +84,23 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
     return masked_pixel_loss_op(
         imgs, pred, mask, None, frames, None, list(patch_size), norm, all_patches, triton_path
     )[0]
+
+
+def decoder_input_in_shuffled_order(x, ids_shuffle, mask_token, pos_embed):
+    """Hugging Face VideoMAE's decoder input: x ``[N, K, D]`` (the visible tokens), then mask
+    tokens, row r plus position ``ids_shuffle[n, r]`` -> ``[N, L, D]``."""
+    width = x.shape[2]
+    triton_path = use_triton(x, mask_token, pos_embed)
+    mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
+    return unshuffle_op(x, ids_shuffle.long(), mask_token, pos_embed, False, True, triton_path)
+
+
+def masked_pixel_loss_by_ids(video, pred, pred_ids, patch_size, norm: str, unnormalise=None):
+    """The mean over ``pred [N, M, P]`` of ``(pred - target)^2``, row m's target being patch
+    ``pred_ids[n, m]`` of the (strided) video ``[N, C, F, H, W]``, un-normalised by
+    ``unnormalise`` ``[2, C]`` (std, mean) and normalised by ``norm`` (see
+    ``fastmae.kernels.loss``). No gradient flows into the video."""
+    weight = torch.ones(pred.shape[:2], dtype=video.dtype, device=pred.device)
+    triton_path = use_triton(video, pred)
+    args = (pred_ids.long(), None, unnormalise, list(patch_size), norm, False, triton_path)
+    return masked_pixel_loss_op(video.detach(), pred, weight, *args)[0]

@@ -219,7 +219,7 @@ def gather_patches(imgs, ids: Optional[Tensor], patch_size, channel_last, use_tr
     tokens = length if ids is None else ids.shape[1]
     if not use_triton:
         patches = _gather_torch(video, ids, patch_size, channel_last)
-        return patches.view(n, tokens, c * u * ph * pw)
+        return patches.reshape(n, tokens, c * u * ph * pw)  # a permuted clip: a new layout
     patches = imgs.new_empty(n, tokens, c * u * ph * pw)
     _copy_patches_triton(video, patches, ids, patch_size, channel_last, to_image=False)
     return patches

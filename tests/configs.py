@@ -44,6 +44,21 @@ TINY_HF = dict(
     decoder_num_attention_heads=2,
     decoder_intermediate_size=64,
 )
+# transformers' VideoMAE: 4 frames of 16 px, 4 px patches (tubelet 2 unless overridden).
+TINY_VIDEOMAE = dict(
+    image_size=16,
+    patch_size=4,
+    num_frames=4,
+    tubelet_size=2,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    decoder_hidden_size=24,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=48,
+)
 # What the CUDA tests run: the real 224 px image and patch grid, with two narrow blocks.
 SMALL_VIT = dict(
     img_size=224,

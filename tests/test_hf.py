@@ -147,19 +147,21 @@ def test_other_image_size_gives_hf_error(backend):
 
 
 def test_other_classes_are_refused():
-    with pytest.raises(
-        TypeError, match=r"takes a transformers ViTMAEForPreTraining .* got .*Linear"
-    ):
+    supported = r"supports 'vit_mae' \(ViTMAEForPreTraining, ViTMAEModel\), 'videomae' "
+    supported += r"\(VideoMAEForPreTraining, VideoMAEModel\); got "
+    with pytest.raises(TypeError, match=supported + r".*Linear \(model_type None\)"):
         fastmae.hf.apply_fastmae(torch.nn.Linear(2, 2))
     vit = transformers.ViTModel(
         transformers.ViTConfig(**{k: TINY_HF[k] for k in list(TINY_HF)[:6]})
     )
-    with pytest.raises(TypeError, match="got transformers.models.vit.modeling_vit.ViTModel"):
+    with pytest.raises(TypeError, match=r"got transformers.models.vit.modeling_vit.ViTModel \(mo"):
         fastmae.hf.apply_fastmae(vit)
+    with pytest.raises(ValueError, match=r"model_type must be one of 'vit_mae' .* got 'vit'"):
+        fastmae.hf.patch("vit")
 
 
 def test_patch_and_unpatch_the_classes(backend, tmp_path):
-    hf_vitmae = fastmae.hf.hf_vitmae
+    hf_vitmae = fastmae.hf.vitmae.hf_vitmae
     original = hf_vitmae.ViTMAEEmbeddings.forward
     hf = transformers.ViTMAEForPreTraining(config(norm_pix_loss=True))
     hf.save_pretrained(tmp_path)  # a local folder: nothing is downloaded
@@ -302,7 +304,7 @@ def test_patched_model_pickles_and_keeps_the_fused_ops(how, tmp_path):
                 assert torch.equal(clone(pixel_values, noise=noise).loss, expected)
             forward = clone.vit.embeddings.forward
             assert getattr(forward, "func", getattr(forward, "__func__", None)) is (
-                fastmae.hf._embeddings_forward
+                fastmae.hf.vitmae._embeddings_forward
             )
     finally:
         fastmae.hf.unpatch_vitmae()

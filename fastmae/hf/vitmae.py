@@ -1,11 +1,4 @@
-"""fastmae's fused ops inside Hugging Face transformers' ViTMAE, with one call.
-
-    import fastmae.hf
-
-    model = ViTMAEForPreTraining.from_pretrained(...)
-    fastmae.hf.apply_fastmae(model)      # this instance, in place
-    # or, before the models are made:
-    fastmae.hf.patch_vitmae()            # the classes; fastmae.hf.unpatch_vitmae() undoes it
+"""ViTMAE (``model_type`` "vit_mae"): ``ViTMAEForPreTraining`` and ``ViTMAEModel``.
 
 What runs fused (the same ops as the drop-in model, on the same backends):
 - the encoder input: the mask drawn from ``noise`` (HF's ``random_masking``, with the config's
@@ -36,20 +29,17 @@ features the installed version has, not by its version string.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 
 from fastmae import _checks, _unchecked
-from fastmae.layers import project_patches
+from fastmae.hf import _patching
 
 try:
     from transformers.models.vit_mae import modeling_vit_mae as hf_vitmae
 except ImportError as error:  # pragma: no cover - exercised without transformers
     raise ImportError("fastmae.hf needs transformers: pip install 'fastmae[hf]'") from error
-
-__all__ = ["apply_fastmae", "patch_vitmae", "unpatch_vitmae"]
 
 # HF's own methods, kept before any patching: the fallbacks call them, unpatch restores them.
 _ORIGINAL = {
@@ -135,31 +125,18 @@ def _patch_embeddings_forward(
     self, pixel_values, *args, ids_keep=None, cls_token=None, pos_embed=None, **kwargs
 ):
     """``ViTMAEPatchEmbeddings.forward``, HF's; with ``ids_keep``, the fused encoder input
-    ``[N, 1+K, D]`` of :func:`fastmae.layers.project_patches`, computed in the projection's own
-    forward where that has been patched (so that FSDP2 gathers a projection sharded on its own
-    around the kernel that reads it)."""
+    ``[N, 1+K, D]`` (see :func:`fastmae.hf._patching.project`)."""
     if ids_keep is None:
         original = _original(hf_vitmae.ViTMAEPatchEmbeddings, "forward")
         return original(self, pixel_values, *args, **kwargs)
-    projection = self.projection
-    forward = vars(projection).get("forward")
-    if isinstance(forward, functools.partial) and forward.func is project_patches:
-        return projection(pixel_values, ids_keep, cls_token, pos_embed)
-    return project_patches(projection, pixel_values, ids_keep, cls_token, pos_embed)
-
-
-def _install_projection_forward(patch_embeddings) -> None:
-    """The projection's forward becomes :func:`fastmae.layers.project_patches` (the same
-    convolution without ``ids_keep``)."""
-    projection = patch_embeddings.projection
-    projection.forward = functools.partial(project_patches, projection)
+    return _patching.project(self, pixel_values, ids_keep, cls_token, pos_embed)
 
 
 def _patch_embeddings_init(self, *args, **kwargs):
-    """``ViTMAEPatchEmbeddings.__init__`` under :func:`patch_vitmae`: HF's, then the
-    projection's forward as :func:`apply_fastmae` sets it."""
+    """``ViTMAEPatchEmbeddings.__init__`` under class patching: HF's, then the projection's
+    forward as :func:`fastmae.hf.apply_fastmae` sets it."""
     _original(hf_vitmae.ViTMAEPatchEmbeddings, "__init__")(self, *args, **kwargs)
-    _install_projection_forward(self)
+    _patching.install_projection_forward(self)
 
 
 def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
@@ -273,72 +250,36 @@ def _pretraining_forward(
     )
 
 
-def _tuple_capable(forward):
-    """HF 5.x's ``return_dict=False`` handling (``can_return_tuple``), as its forward has."""
-    from transformers import utils
-
-    wrap = getattr(utils, "can_return_tuple", None)
-    return wrap(forward) if wrap is not None else forward
-
-
 # The module-level name is the wrapped function, so that pickle finds it by its name.
-_pretraining_forward = _tuple_capable(_pretraining_forward)
-
-_FUSED = {
-    (hf_vitmae.ViTMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
-    (hf_vitmae.ViTMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
-    (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
-    (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
-    (hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD): (
-        _forward_loss if _LOSS_METHOD else _pretraining_forward
-    ),
-}
-# A replaced method presents the original's signature: callers read it (Trainer's columns,
-# HF's tests ask whether forward takes output_attentions through its **kwargs).
-for _key, _fused in _FUSED.items():
-    _fused.__signature__ = inspect.signature(_ORIGINAL[_key])
+_pretraining_forward = _patching.tuple_capable(_pretraining_forward)
 
 
-# -- the public calls ----------------------------------------------------------------------------
-
-
-def apply_fastmae(model):
-    """Put the fused ops into one ``ViTMAEForPreTraining`` (masking, encoder input, decoder
-    input, loss) or ``ViTMAEModel`` (masking and encoder input), in place; returns it.
-
-    The weights, the state_dict and the outputs stay the model's; see the module docstring
-    for what falls back to HF's code. Raises TypeError for any other class.
-    """
+def _modules(model) -> dict:
+    """The module of each patched class inside a ViTMAEForPreTraining or ViTMAEModel."""
     if isinstance(model, hf_vitmae.ViTMAEForPreTraining):
         embeddings = model.vit.embeddings
-        targets = {hf_vitmae.ViTMAEDecoder: model.decoder, hf_vitmae.ViTMAEForPreTraining: model}
-    elif isinstance(model, hf_vitmae.ViTMAEModel):
-        embeddings, targets = model.embeddings, {}
+        modules = {hf_vitmae.ViTMAEDecoder: model.decoder, hf_vitmae.ViTMAEForPreTraining: model}
     else:
-        raise TypeError(
-            "fastmae.hf.apply_fastmae takes a transformers ViTMAEForPreTraining or ViTMAEModel, "
-            f"got {type(model).__module__}.{type(model).__qualname__}"
-        )
-    targets[hf_vitmae.ViTMAEEmbeddings] = embeddings
-    targets[hf_vitmae.ViTMAEPatchEmbeddings] = embeddings.patch_embeddings
-    for (cls, name), fused in _FUSED.items():
-        if cls in targets and name != "__init__":
-            # A partial of a module-level function pickles and deep-copies with the model, and
-            # the copy keeps the fused ops (a bound method would pickle as a lookup by name).
-            setattr(targets[cls], name, functools.partial(fused, targets[cls]))
-    _install_projection_forward(embeddings.patch_embeddings)
-    return model
+        embeddings, modules = model.embeddings, {}
+    modules[hf_vitmae.ViTMAEEmbeddings] = embeddings
+    modules[hf_vitmae.ViTMAEPatchEmbeddings] = embeddings.patch_embeddings
+    return modules
 
 
-def patch_vitmae() -> None:
-    """Patch transformers' ViTMAE classes, so that every ViTMAE model, made before or after,
-    runs the fused ops (except instances whose methods were replaced one by one)."""
-    for (cls, name), fused in _FUSED.items():
-        setattr(cls, name, fused)
-
-
-def unpatch_vitmae() -> None:
-    """Undo :func:`patch_vitmae`: the classes get HF's own methods back. Instances patched by
-    :func:`apply_fastmae` keep the fused ops."""
-    for (cls, name), original in _ORIGINAL.items():
-        setattr(cls, name, original)
+FAMILY = _patching.ModelFamily(
+    model_type="vit_mae",
+    classes=(hf_vitmae.ViTMAEForPreTraining, hf_vitmae.ViTMAEModel),
+    original=_ORIGINAL,
+    fused={
+        (hf_vitmae.ViTMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
+        (hf_vitmae.ViTMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
+        (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
+        (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
+        (hf_vitmae.ViTMAEForPreTraining, _PRETRAINING_METHOD): (
+            _forward_loss if _LOSS_METHOD else _pretraining_forward
+        ),
+    },
+    modules=_modules,
+    patch_embeddings=lambda model: _modules(model)[hf_vitmae.ViTMAEPatchEmbeddings],
+)
+_patching.present_signatures(FAMILY)

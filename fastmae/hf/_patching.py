@@ -1,0 +1,88 @@
+"""What every patched Hugging Face model family shares: the family record the registry holds,
+installing fused methods on one instance or on the classes, and the patch embedding's
+projection that runs the fused kernel in its own forward."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from fastmae.layers import project_patches
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One supported ``config.model_type``.
+
+    ``classes`` are the models :func:`fastmae.hf.apply_fastmae` takes; ``original`` and
+    ``fused`` map ``(class, method name)`` to HF's method and fastmae's; ``modules(model)``
+    gives, for one model, the module of each patched class inside it; ``patch_embeddings``
+    gives its patch-embedding module, whose projection runs the fused kernel.
+    """
+
+    model_type: str
+    classes: tuple
+    original: dict
+    fused: dict
+    modules: Callable
+    patch_embeddings: Callable
+
+    def describe(self) -> str:
+        names = ", ".join(cls.__name__ for cls in self.classes)
+        return f"{self.model_type!r} ({names})"
+
+
+def present_signatures(family: ModelFamily) -> None:
+    """A replaced method presents the original's signature: callers read it (Trainer's
+    columns; HF's tests ask whether forward takes output_attentions through its kwargs)."""
+    for key, fused in family.fused.items():
+        fused.__signature__ = inspect.signature(family.original[key])
+
+
+def install(model, family: ModelFamily) -> None:
+    """The fused methods on this model's modules, in place."""
+    modules = family.modules(model)
+    for (cls, name), fused in family.fused.items():
+        if cls in modules and name != "__init__":
+            # A partial of a module-level function pickles and deep-copies with the model, and
+            # the copy keeps the fused ops (a bound method would pickle as a lookup by name).
+            setattr(modules[cls], name, functools.partial(fused, modules[cls]))
+    install_projection_forward(family.patch_embeddings(model))
+
+
+def patch_classes(family: ModelFamily) -> None:
+    for (cls, name), fused in family.fused.items():
+        setattr(cls, name, fused)
+
+
+def unpatch_classes(family: ModelFamily) -> None:
+    for (cls, name), original in family.original.items():
+        setattr(cls, name, original)
+
+
+def install_projection_forward(patch_embeddings) -> None:
+    """The projection's forward becomes :func:`fastmae.layers.project_patches` (the same
+    convolution without ``ids_keep``)."""
+    projection = patch_embeddings.projection
+    projection.forward = functools.partial(project_patches, projection)
+
+
+def project(patch_embeddings, pixels, ids_keep, cls_token, pos_embed):
+    """The fused encoder input of :func:`fastmae.layers.project_patches`, computed in the
+    projection's own forward where that has been patched (so that FSDP2 gathers a projection
+    sharded on its own around the kernel that reads it)."""
+    projection = patch_embeddings.projection
+    forward = vars(projection).get("forward")
+    if isinstance(forward, functools.partial) and forward.func is project_patches:
+        return projection(pixels, ids_keep, cls_token, pos_embed)
+    return project_patches(projection, pixels, ids_keep, cls_token, pos_embed)
+
+
+def tuple_capable(forward):
+    """HF 5.x's ``return_dict=False`` handling (``can_return_tuple``), as its forwards have."""
+    from transformers import utils
+
+    wrap = getattr(utils, "can_return_tuple", None)
+    return wrap(forward) if wrap is not None else forward

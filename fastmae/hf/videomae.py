@@ -1,0 +1,226 @@
+"""VideoMAE (``model_type`` "videomae"): ``VideoMAEForPreTraining`` and ``VideoMAEModel``.
+
+The caller gives the masked tubelets as ``bool_masked_pos [N, L]``, the same count in every
+sample, as HF requires. What runs fused:
+- the encoder input: only the visible tubelets are embedded (gather, GEMM, fixed sin-cos
+  positions), read in place from ``pixel_values [N, T, C, H, W]``, where HF's Conv3d embeds
+  every tubelet and then keeps the visible ones (``VideoMAEEmbeddings.forward``; the kernel
+  that reads the projection's weight runs in the projection's own forward, for FSDP2);
+- the decoder input in one pass: the visible tokens, then mask tokens, each plus the decoder
+  position of its tubelet, in HF's order (visible first);
+- the loss, read from ``pixel_values`` in place: HF's labels (ImageNet un-normalisation when
+  the model has 3 channels; with ``norm_pix_loss`` each tubelet normalised per channel over its
+  ``tubelet_size * patch_size**2`` values, ``(x - mean) / (std + 1e-6)`` with the unbiased
+  std) for the masked tubelets only, against logits rows in HF's order, with no permuted copy
+  of the clip. As in HF, no gradient flows into ``pixel_values`` through the labels.
+Everything else is HF's own: the layers and their attention implementation, the decoder,
+``output_hidden_states``/``output_attentions``, ``use_mean_pooling``, gradient checkpointing,
+the output classes and ``return_dict``. Loss, logits and gradients equal the unpatched model's
+on the same weights and ``bool_masked_pos``, within float32 rounding.
+
+Calls that fall back to HF's own code for that call, with HF's result or HF's error:
+``bool_masked_pos`` None or not a bool ``[N, L]`` tensor on the clip's device;
+``pixel_values`` that are not a floating ``[N, T, C, H, W]`` clip of the config's frames,
+channels and image size in the model's dtype (any floating dtype under autocast); a model of
+other than 3 channels without ``norm_pix_loss`` (HF refuses it); calls under ``torch.func``
+transforms. Deliberate differences: a ``bool_masked_pos`` that masks different counts in
+different samples raises a ValueError saying so (HF's reshape either fails or silently mixes
+samples); a mask that masks nothing gives loss 0 (HF's mean over no values gives NaN).
+
+Needs transformers 5.x or 4.x from 4.40.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from fastmae import _checks, _unchecked
+from fastmae.dispatch import functorch_active
+from fastmae.hf import _patching
+
+try:
+    from transformers.models.videomae import modeling_videomae as hf_videomae
+    from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+except ImportError as error:  # pragma: no cover - exercised without transformers
+    raise ImportError("fastmae.hf needs transformers: pip install 'fastmae[hf]'") from error
+
+# HF's own methods, kept before any patching: the fallbacks call them, unpatch restores them.
+_ORIGINAL = {
+    (cls, name): getattr(cls, name)
+    for cls, name in (
+        (hf_videomae.VideoMAEPatchEmbeddings, "__init__"),
+        (hf_videomae.VideoMAEPatchEmbeddings, "forward"),
+        (hf_videomae.VideoMAEEmbeddings, "forward"),
+        (hf_videomae.VideoMAEForPreTraining, "forward"),
+    )
+}
+# 4.x forwards take return_dict themselves; 5.x's get it from can_return_tuple.
+_TAKES_RETURN_DICT = (
+    "return_dict" in inspect.signature(hf_videomae.VideoMAEForPreTraining.forward).parameters
+)
+
+
+def _original(cls, name):
+    return _ORIGINAL[(cls, name)]
+
+
+# -- when the fused path applies -----------------------------------------------------------------
+
+
+def _masked_per_sample(embeddings, pixel_values, bool_masked_pos):
+    """The number of masked tubelets per sample where the fused path takes this call, else
+    None (HF's code runs). Raises ValueError for a mask whose counts differ between samples."""
+    patches = embeddings.patch_embeddings
+    config = embeddings.config
+    size = tuple(patches.image_size)
+    fusable = (
+        not functorch_active()
+        and _checks.passes(
+            _checks.check_clip, pixel_values, config.num_frames, patches.num_channels, size
+        )
+        and config.num_frames % patches.tubelet_size == 0
+        and _checks.dtype_matches(pixel_values, patches.projection.weight)
+        and _checks.passes(
+            _checks.check_bool_masked_pos,
+            bool_masked_pos,
+            pixel_values.shape[0],
+            patches.num_patches,
+            pixel_values.device,
+        )
+    )
+    return _checks.masked_per_sample(bool_masked_pos) if fusable else None
+
+
+def _visible_then_masked(bool_masked_pos):
+    """``ids_shuffle [N, L]``: each sample's visible tubelets, then its masked ones, each in
+    increasing order (the order of HF's ``x[~mask]`` and ``x[mask]``)."""
+    return torch.argsort(bool_masked_pos.to(torch.int8), dim=1, stable=True)
+
+
+def _compute_dtype(tensor, weight):
+    """The dtype HF's Conv3d gives: autocast's where it is on, else the weight's."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _labels_unnormalisation(config, pixel_values):
+    """``[2, C]`` (std, mean) of ImageNet for 3 channels (HF un-normalises them), else None."""
+    if config.num_channels != 3:
+        return None
+    values = [IMAGENET_DEFAULT_STD, IMAGENET_DEFAULT_MEAN]
+    return torch.tensor(values, dtype=torch.float32, device=pixel_values.device)
+
+
+# -- the fused methods ---------------------------------------------------------------------------
+
+
+def _patch_embeddings_forward(self, pixel_values, ids_keep=None, pos_embed=None):
+    """``VideoMAEPatchEmbeddings.forward``, HF's; with ``ids_keep [N, K]``, the visible
+    tubelets' embeddings plus their positions ``pos_embed [L, D]``: ``[N, K, D]``, read from
+    the clip ``[N, T, C, H, W]`` in place."""
+    if ids_keep is None:
+        return _original(hf_videomae.VideoMAEPatchEmbeddings, "forward")(self, pixel_values)
+    clip = pixel_values.permute(0, 2, 1, 3, 4)  # [N, C, T, H, W], a view
+    return _patching.project(self, clip, ids_keep, None, pos_embed)
+
+
+def _patch_embeddings_init(self, *args, **kwargs):
+    """``VideoMAEPatchEmbeddings.__init__`` under class patching: HF's, then the projection's
+    forward as :func:`fastmae.hf.apply_fastmae` sets it."""
+    _original(hf_videomae.VideoMAEPatchEmbeddings, "__init__")(self, *args, **kwargs)
+    _patching.install_projection_forward(self)
+
+
+def _embeddings_forward(self, pixel_values, bool_masked_pos):
+    """``VideoMAEEmbeddings.forward``: -> the visible tubelets' embeddings ``[N, K, D]``."""
+    masked = _masked_per_sample(self, pixel_values, bool_masked_pos)
+    if masked is None:
+        original = _original(hf_videomae.VideoMAEEmbeddings, "forward")
+        return original(self, pixel_values, bool_masked_pos)
+    visible = self.num_patches - masked
+    ids_keep = _visible_then_masked(bool_masked_pos)[:, :visible]
+    # HF adds the fixed table in the embeddings' dtype (autocast's, under autocast).
+    dtype = _compute_dtype(pixel_values, self.patch_embeddings.projection.weight)
+    positions = self.position_embeddings.to(device=pixel_values.device, dtype=dtype)
+    return self.patch_embeddings(pixel_values, ids_keep=ids_keep, pos_embed=positions)
+
+
+def _pretraining_forward(self, pixel_values, bool_masked_pos=None, **kwargs):
+    """``VideoMAEForPreTraining.forward``: HF's encoder call (its embeddings fused by their
+    own patch), the fused decoder input, HF's decoder, the fused loss."""
+    embeddings, config = self.videomae.embeddings, self.config
+    masked = None
+    if config.norm_pix_loss or config.num_channels == 3:  # else HF refuses to make labels
+        masked = _masked_per_sample(embeddings, pixel_values, bool_masked_pos)
+    original = _original(hf_videomae.VideoMAEForPreTraining, "forward")
+    legacy_return_dict = kwargs.pop("return_dict", None) if _TAKES_RETURN_DICT else None
+    if masked is None:
+        if legacy_return_dict is not None:
+            kwargs["return_dict"] = legacy_return_dict
+        return original(self, pixel_values, bool_masked_pos, **kwargs)
+    if _TAKES_RETURN_DICT:
+        kwargs["return_dict"] = True
+    outputs = self.videomae(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+    tokens = self.encoder_to_decoder(outputs.last_hidden_state)
+    ids_shuffle = _visible_then_masked(bool_masked_pos)
+    # HF adds the fixed decoder table in the clip's dtype.
+    positions = self.position_embeddings.to(device=pixel_values.device, dtype=pixel_values.dtype)
+    decoder_input = _unchecked.decoder_input_in_shuffled_order(
+        tokens, ids_shuffle, self.mask_token, positions
+    )
+    logits = self.decoder(decoder_input, masked).logits
+    loss = _unchecked.masked_pixel_loss_by_ids(
+        pixel_values.permute(0, 2, 1, 3, 4),  # [N, C, T, H, W], a view
+        logits,
+        ids_shuffle[:, embeddings.num_patches - masked :],
+        (config.tubelet_size, config.patch_size, config.patch_size),
+        "channel" if config.norm_pix_loss else "none",
+        _labels_unnormalisation(config, pixel_values),
+    )
+    output = hf_videomae.VideoMAEForPreTrainingOutput(
+        loss=loss,
+        logits=logits,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+    if _TAKES_RETURN_DICT:
+        use_return_dict = (
+            config.use_return_dict if legacy_return_dict is None else legacy_return_dict
+        )
+        return output if use_return_dict else output.to_tuple()
+    return output
+
+
+# The module-level name is the wrapped function, so that pickle finds it by its name.
+_pretraining_forward = _patching.tuple_capable(_pretraining_forward)
+
+
+def _modules(model) -> dict:
+    """The module of each patched class inside a VideoMAEForPreTraining or VideoMAEModel."""
+    modules = {}
+    if isinstance(model, hf_videomae.VideoMAEForPreTraining):
+        modules[hf_videomae.VideoMAEForPreTraining] = model
+        model = model.videomae
+    modules[hf_videomae.VideoMAEEmbeddings] = model.embeddings
+    modules[hf_videomae.VideoMAEPatchEmbeddings] = model.embeddings.patch_embeddings
+    return modules
+
+
+FAMILY = _patching.ModelFamily(
+    model_type="videomae",
+    classes=(hf_videomae.VideoMAEForPreTraining, hf_videomae.VideoMAEModel),
+    original=_ORIGINAL,
+    fused={
+        (hf_videomae.VideoMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
+        (hf_videomae.VideoMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
+        (hf_videomae.VideoMAEEmbeddings, "forward"): _embeddings_forward,
+        (hf_videomae.VideoMAEForPreTraining, "forward"): _pretraining_forward,
+    },
+    modules=_modules,
+    patch_embeddings=lambda model: _modules(model)[hf_videomae.VideoMAEPatchEmbeddings],
+)
+_patching.present_signatures(FAMILY)

@@ -1,11 +1,15 @@
 """Device-independent accounting of an MAE training step: reference vs fastmae.
 
-    python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16]
+    python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16,
+                                           hf.videomae]
                                  [--batch 8] [--dtype bf16|fp32] [--profile h200|h100-sxm]
     python -m benchmarks.account --memory [--ranks 8]
 
 A ``video.`` model is mae_st's, at its default clip (16 frames, tubelets of 2, 224 px) and
-mask ratio 0.9; image models run at mask ratio 0.75.
+mask ratio 0.9; image models run at mask ratio 0.75. ``hf.videomae`` is Hugging Face's
+``VideoMAEForPreTraining`` at its base configuration (16 frames of 224 px, tubelets of 2,
+ViT-B) with 90% tube masking: the reference is the unpatched model, fastmae the same model
+after ``fastmae.hf.apply_fastmae``.
 
 One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` that sees every
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
@@ -38,7 +42,7 @@ import fastmae
 import fastmae.video
 from fastmae import reference
 from fastmae.blocks import CHECKPOINT_MODES, SELECTIVE_SAVED_OPS, transformer_blocks
-from fastmae.config import MASK_RATIO, VIDEO_CLIP, VIDEO_MASK_RATIO
+from fastmae.config import MASK_RATIO, VIDEO_CLIP, VIDEO_MASK_RATIO, VIDEOMAE_TUBE_MASK_RATIO
 from fastmae.kernels._triton import FUSED_OPS
 
 REGIONS = (
@@ -206,6 +210,40 @@ def shapes_only(func, args, kwargs):
     return tree_map(materialise, func(*meta_args, **meta_kwargs))
 
 
+HF_VIDEOMAE = "hf.videomae"
+
+
+def is_hf_videomae(model) -> bool:
+    return type(model).__name__ == "VideoMAEForPreTraining"
+
+
+def region_modules(model) -> dict:
+    """Where a step enters each region: the first encoder block, the module whose backward
+    ends the encoder (``encoder_last``), the decoder input's first module, the first decoder
+    block, the prediction's first module forward and the decoder's last module backward."""
+    if is_hf_videomae(model):
+        layers, decoder = model.videomae.encoder.layer, model.decoder
+        return dict(
+            encoder_first=layers[0],
+            encoder_last=model.videomae.layernorm or layers[-1],
+            decoder_input=model.encoder_to_decoder,
+            decoder_first=decoder.decoder_layers[0]
+            if len(decoder.decoder_layers)
+            else decoder.norm,
+            prediction=decoder.norm,
+            decoder_last=decoder.norm,
+        )
+    first_decoder = model.decoder_blocks[0] if len(model.decoder_blocks) else model.decoder_norm
+    return dict(
+        encoder_first=model.blocks[0],
+        encoder_last=model.norm,
+        decoder_input=model.decoder_embed,
+        decoder_first=first_decoder,
+        prediction=model.decoder_pred,
+        decoder_last=model.decoder_norm,
+    )
+
+
 def region_hooks(model, accountant: Accountant):
     """Forward pre-hooks and backward hooks that move ``accountant.region`` along the step."""
 
@@ -215,19 +253,37 @@ def region_hooks(model, accountant: Accountant):
 
         return hook
 
-    first_decoder = model.decoder_blocks[0] if len(model.decoder_blocks) else model.decoder_norm
+    modules = region_modules(model)
     handles = [
-        model.blocks[0].register_forward_pre_hook(enter("encoder blocks")),
-        model.decoder_embed.register_forward_pre_hook(enter("decoder input")),
-        first_decoder.register_forward_pre_hook(enter("decoder blocks")),
-        model.decoder_pred.register_forward_pre_hook(enter("prediction and loss")),
+        modules["encoder_first"].register_forward_pre_hook(enter("encoder blocks")),
+        modules["decoder_input"].register_forward_pre_hook(enter("decoder input")),
+        modules["decoder_first"].register_forward_pre_hook(enter("decoder blocks")),
+        modules["prediction"].register_forward_pre_hook(enter("prediction and loss")),
         # Backward runs the other way: leave each region when its first module is done.
-        model.decoder_norm.register_full_backward_pre_hook(enter("decoder blocks")),
-        first_decoder.register_full_backward_hook(enter("decoder input")),
-        model.norm.register_full_backward_pre_hook(enter("encoder blocks")),
-        model.blocks[0].register_full_backward_hook(enter("patch embedding and masking")),
+        modules["decoder_last"].register_full_backward_pre_hook(enter("decoder blocks")),
+        modules["decoder_first"].register_full_backward_hook(enter("decoder input")),
+        modules["encoder_last"].register_full_backward_pre_hook(enter("encoder blocks")),
+        modules["encoder_first"].register_full_backward_hook(enter("patch embedding and masking")),
     ]
     return handles
+
+
+def tube_mask(config, batch: int, mask_ratio: float) -> torch.Tensor:
+    """VideoMAE's tube masking: ``int(ratio * h * w)`` spatial patches masked in every frame,
+    drawn per sample -> ``bool_masked_pos [N, L]``."""
+    spatial = (config.image_size // config.patch_size) ** 2
+    ranks = torch.rand(batch, spatial).argsort(1).argsort(1)
+    masked = ranks < int(mask_ratio * spatial)
+    return masked.repeat(1, config.num_frames // config.tubelet_size)
+
+
+def step_loss(model, imgs, mask_ratio: float):
+    """A function that runs the forward of one step and returns its loss. VideoMAE's mask is
+    drawn here, outside the counted step: its data loader makes it."""
+    if is_hf_videomae(model):
+        bool_masked_pos = tube_mask(model.config, imgs.shape[0], mask_ratio)
+        return lambda: model(imgs, bool_masked_pos=bool_masked_pos).loss
+    return lambda: model(imgs, mask_ratio=mask_ratio)[0]
 
 
 def account_step(
@@ -280,11 +336,12 @@ def account_step(
             handles.append(block.register_forward_hook(leave_block))
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    forward = step_loss(model, imgs, mask_ratio)
     try:
         with accountant, torch.autograd.graph.saved_tensors_hooks(save, lambda t: t):
             accountant.region = REGIONS[0]
             with autocast:
-                loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+                loss = forward()
             accountant.region = "prediction and loss"
             if backward:
                 loss.backward()
@@ -367,7 +424,7 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     def by_region(table, region):
         return sum(v for (r, _), v in table.items() if r == region)
 
-    unit = "clip" if model_name.startswith("video.") else "image"
+    unit = "clip" if model_name.startswith(("video.", HF_VIDEOMAE)) else "image"
     out = [f"### {model_name}, batch {batch}, {dtype}: per {unit} (reference -> fastmae)", ""]
     rows = [
         [region, mb(ref.saved[region] / batch), mb(fused.saved[region] / batch)]
@@ -464,8 +521,18 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
 
 def build(impl: str, model_name: str, **kwargs):
     """(model, mask ratio) for ``reference`` or ``fastmae``; ``video.<factory>`` names are
-    mae_st's models at its default clip and ratio 0.9. ``kwargs`` go to the factory."""
+    mae_st's models at its default clip and ratio 0.9, ``hf.videomae`` HF's VideoMAE (see the
+    module docstring). ``kwargs`` go to the factory (the VideoMAE config)."""
     torch.manual_seed(0)
+    if model_name == HF_VIDEOMAE:
+        import transformers
+
+        from fastmae.hf import apply_fastmae
+
+        model = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**kwargs))
+        if impl == "fastmae":
+            apply_fastmae(model)
+        return model, VIDEOMAE_TUBE_MASK_RATIO
     if model_name.startswith("video."):
         module = fastmae.video if impl == "fastmae" else fastmae.video.reference
         factory = getattr(module, model_name.removeprefix("video."))
@@ -476,9 +543,13 @@ def build(impl: str, model_name: str, **kwargs):
 
 def sample_batch(model, batch: int) -> torch.Tensor:
     """A batch of the images (or clips) ``model`` takes."""
+    torch.manual_seed(1)
+    if is_hf_videomae(model):  # [N, T, C, H, W]
+        config = model.config
+        size = (config.image_size, config.image_size)
+        return torch.randn(batch, config.num_frames, config.num_channels, *size)
     embed = model.patch_embed
     frames = (embed.frames,) if hasattr(embed, "frames") else ()
-    torch.manual_seed(1)
     return torch.randn(batch, embed.in_chans, *frames, *embed.img_size)
 
 

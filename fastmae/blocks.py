@@ -35,18 +35,19 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def transformer_blocks(model: nn.Module, caller: str) -> list:
-    """The encoder then decoder blocks of a fastmae, reference, video or Hugging Face ViTMAE
-    model (wrapped in DDP or ``torch.compile`` or not); a TypeError names ``caller``."""
+    """The encoder then decoder blocks of a fastmae, reference, video or Hugging Face ViTMAE or
+    VideoMAE model (wrapped in DDP or ``torch.compile`` or not); a TypeError names ``caller``."""
     inner = _unwrapped(model)
     if hasattr(inner, "blocks") and hasattr(inner, "decoder_blocks"):
         return [*inner.blocks, *inner.decoder_blocks]
-    vit, decoder = getattr(inner, "vit", inner), getattr(inner, "decoder", None)
+    vit = getattr(inner, "vit", None) or getattr(inner, "videomae", inner)
+    decoder = getattr(inner, "decoder", None)
     layers = getattr(vit, "layers", None) or getattr(getattr(vit, "encoder", None), "layer", None)
     if layers is not None:  # transformers 5.x names them vit.layers, 4.x vit.encoder.layer
         return [*layers, *getattr(decoder, "decoder_layers", ())]
     raise TypeError(
         f"{caller} expects an MAE model with .blocks and .decoder_blocks (fastmae's, the "
-        f"reference's, the video model's) or a transformers ViTMAE model, got "
+        f"reference's, the video model's) or a transformers ViTMAE or VideoMAE model, got "
         f"{type(inner).__name__}"
     )
 

@@ -41,6 +41,9 @@ MASK_RATIO = 0.75
 # mae_st's pre-training defaults: 16 frames, tubelets of 2 frames, 8 target frames, ratio 0.9.
 VIDEO_CLIP = dict(num_frames=16, t_patch_size=2, pred_t_dim=8)
 VIDEO_MASK_RATIO = 0.9
+# Hugging Face VideoMAE (MCG-NJU's videomae-base): its config's defaults (16 frames of 224 px,
+# tubelets of 2, ViT-B) pre-trained with tube masking at ratio 0.9.
+VIDEOMAE_TUBE_MASK_RATIO = 0.9
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The three model families as their clients see them: each with its oracle (the official op
+"""The model families as their clients see them: each with its oracle (the official op
 sequence, or the unpatched Hugging Face model) and the fastmae model built from the same
 weights, an input sampler and one call that returns ``(loss, pred, mask)``.
 
@@ -8,6 +8,7 @@ autograd-contract tests."""
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,9 +18,9 @@ import fastmae
 import fastmae.video
 from fastmae import reference
 from fastmae.video import reference as video_reference
-from tests.configs import TINY, TINY_CLIP, TINY_VITMAE
+from tests.configs import TINY, TINY_CLIP, TINY_VIDEOMAE, TINY_VITMAE
 
-FAMILIES = ("image", "video", "hf")
+FAMILIES = ("image", "video", "hf", "videomae")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Family:
     sample: Callable[[int], torch.Tensor]  # batch size -> a fresh input batch
     call: Callable  # (model, imgs) -> (loss, pred, mask)
     noise_length: int  # L, for a noise argument
+    # noise -> the keyword arguments of the model's forward that mask as that noise does
+    masking_kwargs: Callable = lambda noise: dict(noise=noise)
 
 
 def _call_drop_in(model, imgs, noise=None):
@@ -38,6 +41,22 @@ def _call_drop_in(model, imgs, noise=None):
 def _call_hf(model, imgs, noise=None):
     out = model(imgs, noise=noise)
     return out.loss, out.logits, out.mask
+
+
+def _videomae_masking(noise):
+    """HF VideoMAE takes the mask: 75% of the tubelets, ranked by ``noise``, the same count
+    in every sample."""
+    length = noise.shape[1]
+    return dict(bool_masked_pos=noise.argsort(1).argsort(1) < int(length * 0.75))
+
+
+def _call_videomae(model, clips, noise=None, *, length: int):
+    """The mask from ``noise``, drawn here (as the drop-ins draw theirs) when None."""
+    if noise is None:
+        noise = torch.rand(clips.shape[0], length, device=clips.device)
+    masking = _videomae_masking(noise)
+    out = model(clips, **masking)
+    return out.loss, out.logits, masking["bool_masked_pos"].to(out.logits.dtype)
 
 
 def make_family(name: str, norm_pix_loss: bool = True) -> Family:
@@ -68,6 +87,18 @@ def make_family(name: str, norm_pix_loss: bool = True) -> Family:
         oracle = transformers.ViTMAEForPreTraining(config)
         fused = apply_fastmae(copy.deepcopy(oracle))
         return Family(oracle, fused, lambda n: torch.randn(n, 3, 16, 16), _call_hf, 16)
+    if name == "videomae":
+        import transformers
+
+        from fastmae.hf import apply_fastmae
+
+        torch.manual_seed(0)
+        config = transformers.VideoMAEConfig(**TINY_VIDEOMAE, norm_pix_loss=norm_pix_loss)
+        oracle = transformers.VideoMAEForPreTraining(config)
+        fused = apply_fastmae(copy.deepcopy(oracle))
+        call = functools.partial(_call_videomae, length=32)  # 2 x 4 x 4 tubelets
+        sample = lambda n: torch.randn(n, 4, 3, 16, 16)  # noqa: E731
+        return Family(oracle, fused, sample, call, 32, _videomae_masking)
     raise ValueError(f"unknown family {name!r}")
 
 

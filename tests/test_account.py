@@ -2,6 +2,7 @@
 
 import pathlib
 
+import pytest
 import torch
 
 import fastmae
@@ -9,7 +10,7 @@ from benchmarks import account
 from fastmae import reference
 from fastmae.kernels import loss
 from fastmae.kernels._triton import FUSED_OPS
-from tests.configs import TINY, TINY_CLIP, TINY_IMAGE
+from tests.configs import TINY, TINY_CLIP, TINY_IMAGE, TINY_VIDEOMAE
 
 CONFIG = TINY_IMAGE
 
@@ -101,6 +102,44 @@ def test_video_step_accounting_shows_the_fused_regions():
     for region in ("encoder blocks", "decoder blocks"):
         assert region_bytes(fused, region) == region_bytes(ref, region), region
     assert "per clip" in account.report("video.tiny", tallies, 3, "fp32", account.DEFAULT_PROFILE)
+
+
+def test_hf_videomae_step_is_counted_by_region():
+    """HF VideoMAE (the unpatched model against apply_fastmae's): the fused regions move
+    fewer bytes, the transformer blocks the same, and the report is per clip."""
+    pytest.importorskip("transformers")
+
+    tallies = {}
+    for name in ("reference", "fastmae"):
+        model, ratio = account.build(name, account.HF_VIDEOMAE, **TINY_VIDEOMAE)
+        assert ratio == 0.9 and model.config.num_frames == 4
+        clips = account.sample_batch(model, 2)
+        assert clips.shape == (2, 4, 3, 16, 16)  # [N, T, C, H, W]
+        with fastmae.use_backend("torch"):
+            profile = account.PROFILES[account.DEFAULT_PROFILE]
+            tallies[name] = account.account_step(model, clips, "fp32", profile, ratio)
+    ref, fused = tallies["reference"], tallies["fastmae"]
+
+    def region_bytes(tally, region):
+        return sum(v for (r, _), v in tally.bytes.items() if r == region)
+
+    for region in account.FUSED_REGIONS:
+        assert region_bytes(fused, region) < region_bytes(ref, region), region
+    for region in ("encoder blocks", "decoder blocks"):
+        assert region_bytes(fused, region) == region_bytes(ref, region) > 0, region
+    assert fused.fused["fastmae::masked_pixel_loss"] > 0
+    text = account.report(account.HF_VIDEOMAE, tallies, 2, "fp32", account.DEFAULT_PROFILE)
+    assert "per clip" in text
+
+
+def test_tube_mask_masks_the_same_patches_in_every_frame():
+    import types
+
+    config = types.SimpleNamespace(image_size=16, patch_size=4, num_frames=4, tubelet_size=2)
+    mask = account.tube_mask(config, 3, 0.9)
+    assert mask.shape == (3, 32) and mask.dtype == torch.bool
+    assert torch.equal(mask[:, :16], mask[:, 16:])
+    assert (mask.sum(1) == 2 * int(0.9 * 16)).all()
 
 
 def test_checkpointed_saved_activations_are_what_checkpointing_keeps():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastmae import functional, reference
+from fastmae import _unchecked, functional, reference
 from tests.helpers import assert_close
 
 CASES = [
@@ -107,3 +107,75 @@ def test_strided_pred_is_read_without_a_copy(backend, norm_pix):
     expected.backward()
     assert_close(loss, expected, "op")
     assert_close(decoder_out.grad, twin.grad, "op")
+
+
+# -- Hugging Face VideoMAE's form: pred rows by ids, per-channel normalisation, un-normalised
+# pixels, a [N, T, C, H, W] clip read as a permuted view --------------------------------------
+
+
+def videomae_loss(clip, pred, ids, tubelet, patch, norm_pix, unnormalise):
+    """HF VideoMAE's labels and MSE, written out: the clip ``[N, T, C, H, W]`` un-normalised,
+    cut into tubelets ``(u, i, j, c)``, each normalised per channel with ``(x - mean) /
+    (std + 1e-6)`` (unbiased std), the rows ``ids`` kept, the mean squared error."""
+    if unnormalise is not None:
+        clip = clip * unnormalise[0][:, None, None] + unnormalise[1][:, None, None]
+    n, t, c, h, w = clip.shape
+    grid = (t // tubelet, h // patch, w // patch)
+    tubelets = clip.reshape(n, grid[0], tubelet, c, grid[1], patch, grid[2], patch)
+    tubelets = tubelets.permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(n, -1, tubelet * patch**2, c)
+    if norm_pix:
+        mean = tubelets.mean(-2, keepdim=True)
+        std = tubelets.var(-2, unbiased=True, keepdim=True).sqrt()
+        tubelets = (tubelets - mean) / (std + 1e-6)
+    labels = tubelets.reshape(n, tubelets.shape[1], -1)
+    labels = labels.gather(1, ids[..., None].expand(-1, -1, labels.shape[-1]))
+    return ((pred - labels) ** 2).mean()
+
+
+@pytest.mark.parametrize("unnormalised", [False, True], ids=["", "unnormalised"])
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("tubelet,channels", [(2, 3), (1, 3), (2, 1)], ids=lambda v: str(v))
+def test_loss_by_ids_matches_videomae_labels(backend, tubelet, channels, norm_pix, unnormalised):
+    n, frames, size, patch = 3, 4, 8, 4
+    clip = torch.randn(n, frames, channels, size, size)
+    length = frames // tubelet * (size // patch) ** 2
+    masked = length * 3 // 4
+    ids = torch.rand(n, length).argsort(1)[:, :masked].sort(1).values
+    pixels = tubelet * patch * patch * channels
+    pred = torch.randn(n, masked, pixels, requires_grad=True)
+    ref_pred = pred.detach().clone().requires_grad_()
+    unnormalise = torch.rand(2, channels) + 0.5 if unnormalised else None
+    norm = "channel" if norm_pix else "none"
+    loss = _unchecked.masked_pixel_loss_by_ids(
+        clip.permute(0, 2, 1, 3, 4), pred, ids, (tubelet, patch, patch), norm, unnormalise
+    )
+    ref = videomae_loss(clip, ref_pred, ids, tubelet, patch, norm_pix, unnormalise)
+    assert_close(loss, ref, "op")
+    (loss * 3.0).backward()
+    (ref * 3.0).backward()
+    assert_close(pred.grad, ref_pred.grad, "op")
+
+
+def test_videomae_targets_refuse_an_images_gradient():
+    from fastmae.kernels import loss as loss_kernels
+
+    clip = torch.randn(2, 3, 4, 8, 8, requires_grad=True)  # [N, C, T, H, W]
+    pred = torch.randn(2, 6, 96, requires_grad=True)
+    ids = torch.arange(6).expand(2, -1)
+    with pytest.raises(NotImplementedError, match=r"imgs needs a gradient.*pass imgs.detach\(\)"):
+        loss_kernels.masked_pixel_loss_op(
+            clip, pred, torch.ones(2, 6), ids, None, None, [2, 4, 4], "channel", False, False
+        )
+    with pytest.raises(ValueError, match=r"norm must be one of \('none', 'patch', 'channel'\)"):
+        loss_kernels.masked_pixel_loss_op(
+            clip.detach(),
+            pred,
+            torch.ones(2, 6),
+            ids,
+            None,
+            None,
+            [2, 4, 4],
+            "tubelet",
+            False,
+            False,
+        )

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastmae import functional, reference
+from fastmae.kernels.patchify import gather_patches_op
 
 SHAPES = [
     (2, 3, 8, 8, (4, 4)),
@@ -43,3 +44,19 @@ def test_unpatchify_forward_backward(backend, n, c, h, w, patch):
 def test_patchify_noncontiguous_input(backend):
     imgs = torch.randn(2, 8, 8, 3).permute(0, 3, 1, 2)
     assert torch.equal(functional.patchify(imgs, 4), reference.patchify(imgs.contiguous(), 4))
+
+
+def test_gather_reads_a_permuted_clip_in_place(backend):
+    """Hugging Face's clips are [N, T, C, H, W]: the kept-tubelet gather reads the permuted
+    view [N, C, T, H, W] as it reads a contiguous clip, forward and backward."""
+    clip = torch.randn(2, 4, 3, 8, 12, requires_grad=True)  # [N, T, C, H, W]
+    contiguous = clip.detach().permute(0, 2, 1, 3, 4).contiguous().requires_grad_()
+    ids = torch.rand(2, 24).argsort(1)[:, :5]
+    use_triton = backend == "triton"
+    out = gather_patches_op(clip.permute(0, 2, 1, 3, 4), ids, [2, 2, 2], False, use_triton)
+    ref = gather_patches_op(contiguous, ids, [2, 2, 2], False, use_triton)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(clip.grad.permute(0, 2, 1, 3, 4), contiguous.grad)

@@ -56,7 +56,10 @@ COMPILE_CASE = {
 
 
 def patch_embedding(model):
-    return model.vit.embeddings.patch_embeddings if hasattr(model, "vit") else model.patch_embed
+    for hf_encoder in ("vit", "videomae"):
+        if hasattr(model, hf_encoder):
+            return getattr(model, hf_encoder).embeddings.patch_embeddings
+    return model.patch_embed
 
 
 def sharding_units(model, policy: str) -> list:

@@ -165,7 +165,7 @@ def _copy_patches_triton(video, patches, ids, patch_size, channel_last: bool, to
     )
 
 
-def patch_view(video: Tensor, patch_size, channel_last: bool) -> Tensor:
+def _patch_view(video: Tensor, patch_size, channel_last: bool) -> Tensor:
     """A strided view ``[N, t, h, w, *patch]`` of a video, patch as ``(u, ph, pw, C)`` or
     ``(C, u, ph, pw)``."""
     n, c, frames, height, width = video.shape
@@ -187,7 +187,7 @@ def _grid_index(ids: Tensor, view: Tensor):
 
 def _gather_torch(video, ids, patch_size, channel_last: bool):
     """-> ``[N, T, *patch]``, a new tensor (an op's output must not alias its input)."""
-    view = patch_view(video, patch_size, channel_last)
+    view = _patch_view(video, patch_size, channel_last)
     if ids is None:
         return video.new_empty(view.shape).copy_(view)
     index, in_range = _grid_index(ids, view)
@@ -195,7 +195,7 @@ def _gather_torch(video, ids, patch_size, channel_last: bool):
 
 
 def _scatter_torch(video, patches, ids, patch_size, channel_last: bool):
-    view = patch_view(video, patch_size, channel_last)
+    view = _patch_view(video, patch_size, channel_last)
     if ids is None:
         view.copy_(patches.view(view.shape))
         return

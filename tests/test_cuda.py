@@ -112,3 +112,81 @@ def test_no_synchronisation_on_cuda():
         model(imgs)[0].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _videomae_twins(norm_pix: bool):
+    """HF VideoMAE (16 frames of 112 px, tubelets of 2, two narrow layers each side) and a
+    patched copy, and its float64 copy as the oracle."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    import fastmae.hf
+
+    config = transformers.VideoMAEConfig(
+        image_size=112,
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=384,
+        decoder_hidden_size=128,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=256,
+        norm_pix_loss=norm_pix,
+    )
+    hf = transformers.VideoMAEForPreTraining(config).cuda()
+    fused = fastmae.hf.apply_fastmae(copy.deepcopy(hf))
+    return hf, fused, copy.deepcopy(hf).double()
+
+
+def _videomae_outputs(model, pixel_values, mask, dtype):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out = model(pixel_values, bool_masked_pos=mask)
+    out.loss.backward()
+    grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+    return [out.loss.double(), out.logits.double(), *grads]
+
+
+@pytest.mark.parametrize("norm_pix", [False, True], ids=["pix", "normpix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_videomae_parity_on_cuda(dtype, norm_pix):
+    """HF VideoMAE patched, against the unpatched model in the same dtype and float64, with
+    90% tube masking of a batch of 13 clips."""
+    hf, fused, oracle = _videomae_twins(norm_pix)
+    pixel_values = torch.randn(13, 16, 3, 112, 112, device="cuda")
+    spatial = torch.rand(13, 49, device="cuda").argsort(1).argsort(1) < int(0.9 * 49)
+    mask = spatial.repeat(1, 8)
+    expected = _videomae_outputs(oracle, pixel_values.double(), mask, torch.float32)
+    same_dtype = _videomae_outputs(hf, pixel_values, mask, dtype)
+    reset_launch_counts()
+    got = _videomae_outputs(fused, pixel_values, mask, dtype)
+    assert {"_copy_patches_kernel", "_unshuffle_fwd_kernel", "_masked_loss_bwd_kernel"} <= set(
+        launch_counts()
+    )
+    for index, (a, b, c) in enumerate(zip(got, same_dtype, expected)):
+        assert_as_accurate(a, b, c, dtype, f"output {index}")
+
+
+def test_videomae_synchronises_the_host_less_than_hf():
+    """HF's step synchronises the host at each boolean index (four), the patched step where it
+    reads the mask's counts (twice); both copy the same host tables. Counted with CUDA's sync
+    debug mode (a warning per synchronising call)."""
+    import warnings
+
+    hf, fused, _ = _videomae_twins(True)
+    pixel_values = torch.randn(4, 16, 3, 112, 112, device="cuda")
+    mask = (torch.rand(4, 49, device="cuda").argsort(1).argsort(1) < 44).repeat(1, 8)
+    counts = {}
+    for name, model in (("hf", hf), ("fused", fused)):
+        model(pixel_values, bool_masked_pos=mask).loss.backward()  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(pixel_values, bool_masked_pos=mask).loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[name] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts["fused"] < counts["hf"], counts

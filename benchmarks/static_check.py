@@ -45,6 +45,18 @@ FRAMES, T_PATCH, PRED_T = VIDEO.num_frames, VIDEO.t_patch_size, VIDEO.pred_t_dim
 VIDEO_LENGTH, VIDEO_KEEP = VIDEO.length, VIDEO.keep
 
 
+def video_strides(frames: int, channels_first: bool = True) -> dict:
+    """The strides of a ``[N, C, F, H, W]`` video of 224 px frames: contiguous, or (HF's
+    ``[N, F, C, H, W]`` clip read as a permuted view) with frames outside channels."""
+    frame = IMG * IMG
+    channel, step = (frames * frame, frame) if channels_first else (frame, CHANS * frame)
+    return dict(stride_n=CHANS * frames * frame, stride_c=channel, stride_f=step, stride_h=IMG)
+
+
+def prefixed(strides: dict, prefix: str) -> dict:
+    return {f"{prefix}{name}": value for name, value in strides.items()}
+
+
 def ptr(dtype):
     return ("ptr", dtype)
 
@@ -64,8 +76,9 @@ def spec(label, kernel, args: dict, constexprs: dict, config: dict):
 def kernel_specs(width: int):
     """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes,
     the block sizes and warps from the launchers' own configuration functions."""
-    image = dict(C=CHANS, F=1, H=IMG, W=IMG, grid_w=IMG // PATCH)
-    video = {**image, "F": FRAMES}
+    image = dict(C=CHANS, F=1, H=IMG, grid_w=IMG // PATCH, **video_strides(1), stride_w=1)
+    video = {**image, "F": FRAMES, **video_strides(FRAMES)}
+    hf_clip = {**video, **video_strides(FRAMES, channels_first=False)}
     sizes = dict(L=LENGTH, K=KEEP)
     video_sizes = dict(L=VIDEO_LENGTH, K=VIDEO_KEEP)
     specs = [
@@ -82,6 +95,7 @@ def kernel_specs(width: int):
         ("kept patches (c,i,j)", True, False, KEEP, image, 1),
         ("patchify (i,j,c)", False, True, LENGTH, image, 1),
         ("video kept tubelets (c,u,i,j)", True, False, VIDEO_KEEP, video, T_PATCH),
+        ("HF clip kept tubelets (c,u,i,j)", True, False, VIDEO_KEEP, hf_clip, T_PATCH),
     ):
         for to_image in (False, True):
             flags = dict(HAS_IDS=has_ids, CHANNEL_LAST=channel_last, TO_IMAGE=to_image)
@@ -110,59 +124,106 @@ def kernel_specs(width: int):
             spec(
                 f"{prefix}unshuffle fwd (bf16 x)",
                 unshuffle._unshuffle_fwd_kernel,
-                {**pointers("out=fp32 x=bf16 ids_restore=i64 mask_token=fp32 pos=fp32")}
+                {**pointers("out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32")}
                 | {**row_sizes, "D": DECODER},
-                {"CLS": cls},
+                {"CLS": cls, "SHUFFLED": False},
                 row_tile_config(DECODER),
             ),
             spec(
                 f"{prefix}unshuffle bwd",
                 unshuffle._unshuffle_bwd_kernel,
                 {
-                    **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids_restore=i64"),
+                    **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids=i64"),
                     **row_sizes,
                     "D": DECODER,
                 },
-                {"CLS": cls},
+                {"CLS": cls, "SHUFFLED": False},
                 row_tile_config(DECODER),
             ),
         ]
-    image_loss = {"L": LENGTH, **image, "P": PIXELS}
-    video_strides = dict(stride_n=VIDEO_LENGTH * PIXELS, stride_l=PIXELS, stride_p=1)
-    video_loss = {"L": VIDEO_LENGTH, **video, "P": PIXELS}
-    for norm_pix, prefix, geometry, table, strides in (
-        (False, "", image_loss, False, PRED_STRIDES),
-        (True, "", image_loss, False, PRED_STRIDES),
-        (True, "video ", video_loss, True, video_strides),
-    ):
-        suffix = " normpix" if norm_pix else ""
-        constexprs = dict(U=1, PH=PATCH, PW=PATCH, FRAME_TABLE=table, NORM_PIX=norm_pix)
+    specs += [  # HF VideoMAE's decoder input: shuffled order, positions by ids
+        spec(
+            f"HF VideoMAE decoder input {direction}",
+            kernel,
+            {**pointers(pointer_spec), **video_sizes, "D": DECODER},
+            {"CLS": 0, "SHUFFLED": True},
+            row_tile_config(DECODER),
+        )
+        for direction, kernel, pointer_spec in (
+            (
+                "fwd (bf16 x)",
+                unshuffle._unshuffle_fwd_kernel,
+                "out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32",
+            ),
+            (
+                "bwd",
+                unshuffle._unshuffle_bwd_kernel,
+                "grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids=i64",
+            ),
+        )
+    ]
+    image_loss = dict(C=CHANS, H=IMG, grid_w=IMG // PATCH, P=PIXELS)
+    pred_video_strides = dict(stride_n=VIDEO_LENGTH * PIXELS, stride_l=PIXELS, stride_p=1)
+    hf_pixels = T_PATCH * PIXELS  # HF VideoMAE predicts whole tubelets
+    hf_strides = dict(stride_n=VIDEO_LENGTH * hf_pixels, stride_l=hf_pixels, stride_p=1)
+    loss_cases = (  # label, rows R, video strides, pred strides, pixels, u, constexprs
+        ("loss", LENGTH, video_strides(1), PRED_STRIDES, PIXELS, 1, {}),
+        ("loss normpix", LENGTH, video_strides(1), PRED_STRIDES, PIXELS, 1, {"NORM": 1}),
+        (
+            "video loss normpix",
+            VIDEO_LENGTH,
+            video_strides(FRAMES),
+            pred_video_strides,
+            PIXELS,
+            1,
+            {"NORM": 1, "FRAME_TABLE": True},
+        ),
+        (
+            "HF VideoMAE loss normpix",
+            VIDEO_LENGTH - VIDEO_KEEP,
+            video_strides(FRAMES, channels_first=False),
+            hf_strides,
+            hf_pixels,
+            T_PATCH,
+            {"NORM": 2, "PRED_IDS": True, "UNNORMALISE": True},
+        ),
+    )
+    for label, rows, strides, pred_strides, pixels, u, flags in loss_cases:
+        constexprs = dict(U=u, PH=PATCH, PW=PATCH, FRAME_TABLE=False, NORM=0)
+        constexprs.update(flags)
+        geometry = {**image_loss, "R": rows, "P": pixels, **prefixed(strides, "video_")}
+        geometry["video_stride_w"] = 1
+        forward_only = {key: constexprs.pop(key, False) for key in ("PRED_IDS", "UNNORMALISE")}
         specs.append(
             spec(
-                f"{prefix}loss fwd{suffix} (bf16 pred)",
+                f"{label} fwd (bf16 pred)",
                 loss._masked_loss_fwd_kernel,
                 {
                     **pointers("patch_loss=fp32 residual=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
-                    **pointers("pred=bf16 imgs=fp32 mask=fp32 frames=i64"),
+                    **pointers("pred=bf16 imgs=fp32 mask=fp32 ids=i64 frames=i64"),
+                    **pointers("unnormalise=fp32"),
                     **geometry,
-                    **strides,
+                    **pred_strides,
                     "eps": ("fp32", NORM_PIX_EPS),
                 },
-                dict(ALL_PATCHES=False, **constexprs),
-                loss.launch_config(PIXELS),
+                dict(ALL_PATCHES=False, **constexprs, **forward_only),
+                loss.launch_config(pixels),
             )
         )
+        if constexprs["NORM"] == 2:  # its backward is grad_pred alone: the NORM 0 kernel
+            continue
         specs.append(
             spec(
-                f"{prefix}loss bwd{suffix} (bf16 pred)",
+                f"{label} bwd (bf16 pred)",
                 loss._masked_loss_bwd_kernel,
                 {
                     **pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 residual=fp32"),
                     **pointers("mask=fp32 imgs=fp32 mean=fp32 rstd=fp32 frames=i64"),
                     **geometry,
+                    "W": IMG,
                 },
                 dict(GRAD_IMGS=False, **constexprs),
-                loss.launch_config(PIXELS),
+                loss.launch_config(pixels),
             )
         )
     covered = {kernel_name(spec[1]) for spec in specs}

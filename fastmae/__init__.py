@@ -2,7 +2,7 @@
 
 ``fastmae.MaskedAutoencoderViT`` is a drop-in for facebookresearch/mae's model;
 ``fastmae.reference`` is the pure-PyTorch oracle; ``fastmae.functional`` holds the fused ops;
-``fastmae.hf`` (with transformers installed) puts them into Hugging Face's ViTMAE.
+``fastmae.hf`` (with transformers installed) puts them into Hugging Face's ViTMAE and VideoMAE.
 """
 
 from fastmae import functional, reference

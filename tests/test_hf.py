@@ -292,7 +292,10 @@ def test_patched_model_pickles_and_keeps_the_fused_ops(how, tmp_path):
     try:
         model = fused if how == "instance" else hf
         pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, NUM_PATCHES)
-        expected = model(pixel_values, noise=noise).loss
+        # The copies are compared bit for bit on one backend: the Triton interpreter and the
+        # torch path sum in different orders (compared across them, it failed for some seeds).
+        with fastmae.use_backend("torch"):
+            expected = model(pixel_values, noise=noise).loss
         buffer = io.BytesIO()
         torch.save(model, buffer)
         copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]

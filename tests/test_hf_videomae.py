@@ -189,6 +189,28 @@ def test_calls_the_fused_path_does_not_take_get_hf_behaviour(backend):
             model(pixel_values.double(), bool_masked_pos=mask)
 
 
+@pytest.mark.parametrize("masked", ["none", "all"])
+def test_masks_of_nothing_or_everything_get_hf_behaviour(backend, masked):
+    """No masked tubelet (HF's decoder then returns every token) or no visible one: HF's own
+    code for both models, so HF's error (transformers 5.x) or HF's result, NaN included
+    (4.x), bit for bit."""
+    hf, fused = twins()
+    pixel_values, _ = clip_and_mask(hf.config, batch=2)
+    mask = torch.full((2, num_tubelets(hf.config)), masked == "all")
+    results = []
+    for model in (hf, fused):
+        try:
+            out = model(pixel_values, bool_masked_pos=mask)
+            results.append((out.loss, out.logits))
+        except (ValueError, RuntimeError) as error:
+            results.append((type(error), str(error)))
+    if isinstance(results[0][0], torch.Tensor):
+        for got, expected in zip(results[1], results[0]):
+            assert torch.allclose(got, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert results[0] == results[1]
+
+
 def test_patch_and_unpatch_the_classes(backend, tmp_path):
     hf_videomae = fastmae.hf.videomae.hf_videomae
     original = hf_videomae.VideoMAEEmbeddings.forward

@@ -23,9 +23,9 @@ Calls that fall back to HF's own code for that call, with HF's result or HF's er
 ``pixel_values`` that are not a floating ``[N, T, C, H, W]`` clip of the config's frames,
 channels and image size in the model's dtype (any floating dtype under autocast); a model of
 other than 3 channels without ``norm_pix_loss`` (HF refuses it); calls under ``torch.func``
-transforms. Deliberate differences: a ``bool_masked_pos`` that masks different counts in
-different samples raises a ValueError saying so (HF's reshape either fails or silently mixes
-samples); a mask that masks nothing gives loss 0 (HF's mean over no values gives NaN).
+transforms; a mask that masks every tubelet, or (``VideoMAEForPreTraining``) none. The
+deliberate difference: a ``bool_masked_pos`` that masks different counts in different samples
+raises a ValueError saying so (HF's reshape either fails or silently mixes samples).
 
 Needs transformers 5.x or 4.x from 4.40.
 """
@@ -90,7 +90,10 @@ def _masked_per_sample(embeddings, pixel_values, bool_masked_pos):
             pixel_values.device,
         )
     )
-    return _checks.masked_per_sample(bool_masked_pos) if fusable else None
+    if not fusable:
+        return None
+    masked = _checks.masked_per_sample(bool_masked_pos)
+    return None if masked == patches.num_patches else masked  # nothing visible: HF's error
 
 
 def _visible_then_masked(bool_masked_pos):
@@ -158,7 +161,7 @@ def _pretraining_forward(self, pixel_values, bool_masked_pos=None, **kwargs):
         masked = _masked_per_sample(embeddings, pixel_values, bool_masked_pos)
     original = _original(hf_videomae.VideoMAEForPreTraining, "forward")
     legacy_return_dict = kwargs.pop("return_dict", None) if _TAKES_RETURN_DICT else None
-    if masked is None:
+    if not masked:  # not fusable, or nothing masked (HF's decoder then returns every token)
         if legacy_return_dict is not None:
             kwargs["return_dict"] = legacy_return_dict
         return original(self, pixel_values, bool_masked_pos, **kwargs)

@@ -102,6 +102,43 @@ def make_family(name: str, norm_pix_loss: bool = True) -> Family:
     raise ValueError(f"unknown family {name!r}")
 
 
+def trainer_two_steps(model, output_dir, dataset, accumulation: int = 1):
+    """Hugging Face's ``Trainer`` loop: two optimiser steps of batch 2 (each of
+    ``accumulation`` micro-batches) on ``dataset`` -> (its training loss, the logged losses,
+    the parameters after)."""
+    import transformers
+
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=1e-2,
+        # SGD, not AdamW: Adam turns the attention key bias's rounding-noise gradient (zero in
+        # exact arithmetic) into steps of up to the learning rate, which would compare noise.
+        optim="sgd",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        seed=11,
+        dataloader_num_workers=0,
+    )
+    losses = []
+
+    class Record(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.add_callback(Record())
+    result = trainer.train()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return result.training_loss, losses, params
+
+
 def family_step(family: Family, model, imgs, noise):
     """One forward+backward of ``model`` (the family's oracle or fastmae model) ->
     ``(loss, pred, {name: gradient})``."""

@@ -13,6 +13,7 @@ import fastmae  # noqa: E402
 import fastmae.hf  # noqa: E402
 from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
 from fastmae.kernels._triton import fused_kernel_names  # noqa: E402
+from tests.clients import trainer_two_steps  # noqa: E402
 from tests.configs import TINY_HF  # noqa: E402
 from tests.helpers import assert_as_accurate, assert_close, assert_tensors_match  # noqa: E402
 
@@ -222,52 +223,18 @@ class _Images(torch.utils.data.Dataset):
         return {"pixel_values": self.images[index]}
 
 
-def train_two_steps(model, output_dir, accumulation=1):
-    args = transformers.TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        learning_rate=1e-2,
-        # SGD, not AdamW: Adam turns the attention key bias's rounding-noise gradient (zero in
-        # exact arithmetic) into steps of up to the learning rate, which would compare noise.
-        optim="sgd",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        seed=11,
-        dataloader_num_workers=0,
-    )
-    losses = []
-
-    class Record(transformers.TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Images(4 * accumulation))
-    trainer.add_callback(Record())
-    result = trainer.train()
-    return (
-        result.training_loss,
-        losses,
-        {n: p.detach().clone() for n, p in model.named_parameters()},
-    )
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_two_steps_match_unpatched(backend, tmp_path, accumulation):
     """Trainer divides the loss for gradient accumulation and calls accelerate's backward."""
     pytest.importorskip("accelerate")
     hf, fused = twins(norm_pix_loss=True)
     reset_launch_counts()
-    fused_loss, fused_losses, fused_params = train_two_steps(
-        fused, tmp_path / "fused", accumulation
+    dataset = _Images(4 * accumulation)
+    fused_loss, fused_losses, fused_params = trainer_two_steps(
+        fused, tmp_path / "fused", dataset, accumulation
     )
     counts = launch_counts()
-    hf_loss, hf_losses, hf_params = train_two_steps(hf, tmp_path / "hf", accumulation)
+    hf_loss, hf_losses, hf_params = trainer_two_steps(hf, tmp_path / "hf", dataset, accumulation)
     assert len(fused_losses) == len(hf_losses) == 2
     assert_close(torch.tensor(fused_losses), torch.tensor(hf_losses))
     assert_close(torch.tensor(fused_loss), torch.tensor(hf_loss))

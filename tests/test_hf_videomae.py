@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import fastmae  # noqa: E402
 import fastmae.hf  # noqa: E402
 from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
+from tests.clients import trainer_two_steps  # noqa: E402
 from tests.configs import TINY_VIDEOMAE  # noqa: E402
 from tests.helpers import assert_as_accurate, assert_close, assert_tensors_match  # noqa: E402
 
@@ -275,7 +276,6 @@ def test_bf16_autocast_within_hf_own_error(norm_pix):
 
 class _Clips(torch.utils.data.Dataset):
     def __init__(self, model_config, count):
-        torch.manual_seed(0)
         self.clips, self.masks = clip_and_mask(model_config, batch=count, ratio=0.9, tube=True)
 
     def __len__(self):
@@ -285,47 +285,17 @@ class _Clips(torch.utils.data.Dataset):
         return {"pixel_values": self.clips[index], "bool_masked_pos": self.masks[index]}
 
 
-def train_two_steps(model, output_dir, accumulation=1):
-    args = transformers.TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        learning_rate=1e-2,
-        optim="sgd",  # see tests/test_hf.py: Adam would amplify rounding noise
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        seed=11,
-        dataloader_num_workers=0,
-    )
-    losses = []
-
-    class Record(transformers.TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
-    dataset = _Clips(model.config, 4 * accumulation)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.add_callback(Record())
-    result = trainer.train()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return result.training_loss, losses, params
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_two_steps_match_unpatched(backend, tmp_path, accumulation):
     pytest.importorskip("accelerate")
     hf, fused = twins(norm_pix_loss=True)
     reset_launch_counts()
-    fused_loss, fused_losses, fused_params = train_two_steps(
-        fused, tmp_path / "fused", accumulation
+    dataset = _Clips(hf.config, 4 * accumulation)
+    fused_loss, fused_losses, fused_params = trainer_two_steps(
+        fused, tmp_path / "fused", dataset, accumulation
     )
     counts = launch_counts()
-    hf_loss, hf_losses, hf_params = train_two_steps(hf, tmp_path / "hf", accumulation)
+    hf_loss, hf_losses, hf_params = trainer_two_steps(hf, tmp_path / "hf", dataset, accumulation)
     assert len(fused_losses) == len(hf_losses) == 2
     assert_close(torch.tensor(fused_losses), torch.tensor(hf_losses))
     assert_close(torch.tensor(fused_loss), torch.tensor(hf_loss))

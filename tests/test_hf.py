@@ -280,6 +280,19 @@ def test_patched_model_pickles_and_keeps_the_fused_ops(how, tmp_path):
         fastmae.hf.unpatch_vitmae()
 
 
+def test_pickles_from_before_the_package_still_load():
+    """A patched model pickled when the ViTMAE patch lived in fastmae/hf.py names its methods
+    fastmae.hf._embeddings_forward and so on: they still resolve."""
+    import pickle
+
+    _, fused = twins()
+    # Protocol 0 names globals as text lines, so the module path can be rewritten in place.
+    data = pickle.dumps(fused, protocol=0).replace(b"fastmae.hf.vitmae", b"fastmae.hf")
+    assert b"fastmae.hf.vitmae" not in data
+    clone = pickle.loads(data)
+    assert clone.vit.embeddings.forward.func is fastmae.hf.vitmae._embeddings_forward
+
+
 @pytest.mark.parametrize("how", ["instance", "class"])
 def test_replaced_methods_present_hf_signatures(how):
     """Callers read inspect.signature(model.forward) (Trainer's columns; HF's tests look for

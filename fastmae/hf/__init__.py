@@ -17,6 +17,16 @@ from __future__ import annotations
 
 from fastmae.hf import _patching, videomae, vitmae
 
+# ViTMAE's fused methods under their names before fastmae.hf became a package: models patched
+# by apply_fastmae and pickled then refer to them here.
+from fastmae.hf.vitmae import (  # noqa: E402, F401
+    _decoder_forward,
+    _embeddings_forward,
+    _forward_loss,
+    _patch_embeddings_forward,
+    _pretraining_forward,
+)
+
 __all__ = ["MODEL_TYPE_TO_FAMILY", "apply_fastmae", "patch", "unpatch"]
 
 # One entry per supported config.model_type: what apply_fastmae, patch and unpatch dispatch on.

@@ -17,9 +17,10 @@ class ModelFamily:
     """One supported ``config.model_type``.
 
     ``classes`` are the models :func:`fastmae.hf.apply_fastmae` takes; ``original`` and
-    ``fused`` map ``(class, method name)`` to HF's method and fastmae's; ``modules(model)``
-    gives, for one model, the module of each patched class inside it; ``patch_embeddings``
-    gives its patch-embedding module, whose projection runs the fused kernel.
+    ``fused`` map ``(class, method name)`` to HF's method and fastmae's (``original`` also
+    holds the patch embedding's ``__init__``, which class patching wraps); ``modules(model)``
+    gives, for one model, the module of each patched class inside it; ``patch_embeddings`` is
+    the patch-embedding class, whose projection runs the fused kernel.
     """
 
     model_type: str
@@ -27,7 +28,7 @@ class ModelFamily:
     original: dict
     fused: dict
     modules: Callable
-    patch_embeddings: Callable
+    patch_embeddings: type
 
     def describe(self) -> str:
         names = ", ".join(cls.__name__ for cls in self.classes)
@@ -45,16 +46,26 @@ def install(model, family: ModelFamily) -> None:
     """The fused methods on this model's modules, in place."""
     modules = family.modules(model)
     for (cls, name), fused in family.fused.items():
-        if cls in modules and name != "__init__":
+        if cls in modules:
             # A partial of a module-level function pickles and deep-copies with the model, and
             # the copy keeps the fused ops (a bound method would pickle as a lookup by name).
             setattr(modules[cls], name, functools.partial(fused, modules[cls]))
-    install_projection_forward(family.patch_embeddings(model))
+    install_projection_forward(modules[family.patch_embeddings])
 
 
 def patch_classes(family: ModelFamily) -> None:
+    """The fused methods on the classes, and the patch embedding's ``__init__`` wrapped so
+    that each new one gets the projection's forward as :func:`install` sets it."""
     for (cls, name), fused in family.fused.items():
         setattr(cls, name, fused)
+    original_init = family.original[(family.patch_embeddings, "__init__")]
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        install_projection_forward(self)
+
+    family.patch_embeddings.__init__ = __init__
 
 
 def unpatch_classes(family: ModelFamily) -> None:

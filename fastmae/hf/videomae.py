@@ -131,13 +131,6 @@ def _patch_embeddings_forward(self, pixel_values, ids_keep=None, pos_embed=None)
     return _patching.project(self, clip, ids_keep, None, pos_embed)
 
 
-def _patch_embeddings_init(self, *args, **kwargs):
-    """``VideoMAEPatchEmbeddings.__init__`` under class patching: HF's, then the projection's
-    forward as :func:`fastmae.hf.apply_fastmae` sets it."""
-    _original(hf_videomae.VideoMAEPatchEmbeddings, "__init__")(self, *args, **kwargs)
-    _patching.install_projection_forward(self)
-
-
 def _embeddings_forward(self, pixel_values, bool_masked_pos):
     """``VideoMAEEmbeddings.forward``: -> the visible tubelets' embeddings ``[N, K, D]``."""
     masked = _masked_per_sample(self, pixel_values, bool_masked_pos)
@@ -218,12 +211,11 @@ FAMILY = _patching.ModelFamily(
     classes=(hf_videomae.VideoMAEForPreTraining, hf_videomae.VideoMAEModel),
     original=_ORIGINAL,
     fused={
-        (hf_videomae.VideoMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
         (hf_videomae.VideoMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
         (hf_videomae.VideoMAEEmbeddings, "forward"): _embeddings_forward,
         (hf_videomae.VideoMAEForPreTraining, "forward"): _pretraining_forward,
     },
     modules=_modules,
-    patch_embeddings=lambda model: _modules(model)[hf_videomae.VideoMAEPatchEmbeddings],
+    patch_embeddings=hf_videomae.VideoMAEPatchEmbeddings,
 )
 _patching.present_signatures(FAMILY)

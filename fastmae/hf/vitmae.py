@@ -132,13 +132,6 @@ def _patch_embeddings_forward(
     return _patching.project(self, pixel_values, ids_keep, cls_token, pos_embed)
 
 
-def _patch_embeddings_init(self, *args, **kwargs):
-    """``ViTMAEPatchEmbeddings.__init__`` under class patching: HF's, then the projection's
-    forward as :func:`fastmae.hf.apply_fastmae` sets it."""
-    _original(hf_vitmae.ViTMAEPatchEmbeddings, "__init__")(self, *args, **kwargs)
-    _patching.install_projection_forward(self)
-
-
 def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
     """``ViTMAEDecoder.forward``: the fused unshuffle, then HF's layers, norm and prediction."""
     width, length = self.decoder_embed.in_features, self.decoder_pos_embed.shape[1] - 1
@@ -271,7 +264,6 @@ FAMILY = _patching.ModelFamily(
     classes=(hf_vitmae.ViTMAEForPreTraining, hf_vitmae.ViTMAEModel),
     original=_ORIGINAL,
     fused={
-        (hf_vitmae.ViTMAEPatchEmbeddings, "__init__"): _patch_embeddings_init,
         (hf_vitmae.ViTMAEPatchEmbeddings, "forward"): _patch_embeddings_forward,
         (hf_vitmae.ViTMAEEmbeddings, "forward"): _embeddings_forward,
         (hf_vitmae.ViTMAEDecoder, "forward"): _decoder_forward,
@@ -280,6 +272,6 @@ FAMILY = _patching.ModelFamily(
         ),
     },
     modules=_modules,
-    patch_embeddings=lambda model: _modules(model)[hf_vitmae.ViTMAEPatchEmbeddings],
+    patch_embeddings=hf_vitmae.ViTMAEPatchEmbeddings,
 )
 _patching.present_signatures(FAMILY)

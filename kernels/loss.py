@@ -422,7 +422,8 @@ def _read_rows(targets, weight, rows_per_sample, pixels, all_patches):
     targets in the weights' dtype, un-normalised where asked, before any normalisation. The
     torch path selects rows with ``nonzero``, which costs nothing on the CPU; it patchifies the
     whole video in one sequential copy and then picks rows, which on the CPU beats indexing
-    the strided video row by row (measured: 2x on a [1, 16, 3, 224, 224] clip)."""
+    the strided video row by row (measured on a 16 x 224 px clip's 1411 rows: 4.1 against
+    12.8 ms)."""
     if all_patches:
         rows = torch.arange(weight.numel(), device=weight.device)
     else:
@@ -630,12 +631,12 @@ def _(imgs, pred, mask, pred_ids, frames, unnormalise, patch_size, norm, all_pat
     dtype = accumulation_dtype(imgs, pred, mask)
     loss = pred.new_empty((), dtype=promoted_dtype(pred, imgs, mask))
     weight = pred.new_empty(mask.numel(), dtype=dtype)
-    stats_per_row = imgs.shape[1] if norm == "channel" else 1
+    targets = _targets(imgs, patch_size, frames, pred_ids, unnormalise, norm)
     return (
         loss,
         pred.new_empty((), dtype=dtype),
         weight,
-        *_state_like(pred, mask, dtype, stats_per_row, all_patches),
+        *_state_like(pred, mask, dtype, targets.stats_per_row(), all_patches),
     )
 
 
@@ -690,8 +691,19 @@ def _read_patch_bytes(imgs, pred, mask, all_patches) -> int:
 
 
 @fused_op("fastmae::masked_pixel_loss", kernels=[_masked_loss_fwd_kernel])
-def _loss_bytes(imgs, pred, mask, pred_ids, *rest, outputs):
-    norm, all_patches = rest[-3], rest[-2]
+def _loss_bytes(
+    imgs,
+    pred,
+    mask,
+    pred_ids,
+    frames,
+    unnormalise,
+    patch_size,
+    norm,
+    all_patches,
+    use_triton,
+    outputs,
+):
     _, _, weight, residual, mean, rstd, patch_mse = outputs
     stats = nbytes(mean) + nbytes(rstd) if norm != "none" else 0
     per_patch = mask.numel() * 4  # the per-row losses, summed by torch

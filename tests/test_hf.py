@@ -13,7 +13,7 @@ import fastmae  # noqa: E402
 import fastmae.hf  # noqa: E402
 from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
 from fastmae.kernels._triton import fused_kernel_names  # noqa: E402
-from tests.clients import trainer_two_steps  # noqa: E402
+from tests.clients import assert_trainer_matches  # noqa: E402
 from tests.configs import TINY_HF  # noqa: E402
 from tests.helpers import assert_as_accurate, assert_close, assert_tensors_match  # noqa: E402
 
@@ -228,20 +228,8 @@ def test_trainer_two_steps_match_unpatched(backend, tmp_path, accumulation):
     """Trainer divides the loss for gradient accumulation and calls accelerate's backward."""
     pytest.importorskip("accelerate")
     hf, fused = twins(norm_pix_loss=True)
-    reset_launch_counts()
     dataset = _Images(4 * accumulation)
-    fused_loss, fused_losses, fused_params = trainer_two_steps(
-        fused, tmp_path / "fused", dataset, accumulation
-    )
-    counts = launch_counts()
-    hf_loss, hf_losses, hf_params = trainer_two_steps(hf, tmp_path / "hf", dataset, accumulation)
-    assert len(fused_losses) == len(hf_losses) == 2
-    assert_close(torch.tensor(fused_losses), torch.tensor(hf_losses))
-    assert_close(torch.tensor(fused_loss), torch.tensor(hf_loss))
-    # The key biases start at 0 and SGD moves them by lr x rounding noise: negligible.
-    assert_tensors_match(fused_params, hf_params, "model")
-    launches = 2 * accumulation  # one loss backward per micro-batch
-    assert (counts.get("_masked_loss_bwd_kernel", 0) == launches) == (backend == "triton")
+    assert_trainer_matches(fused, hf, dataset, tmp_path, accumulation, backend)
 
 
 @pytest.mark.parametrize("how", ["instance", "class"])

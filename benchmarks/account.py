@@ -15,7 +15,7 @@ One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` tha
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
 input counts its distinct elements) and at its matmul/attention FLOPs; each fastmae fused op
 is counted at what its kernels move, from ``fastmae.kernels._triton.FUSED_OPS`` (the same
-functions the benchmark summary and kernels/README.md's table use), whichever backend ran it.
+functions the benchmark summary and fastmae/kernels/README.md's table use), whichever backend ran it.
 Saved activations are the tensors autograd keeps for backward, deduplicated by storage,
 leaving out parameters, autocast's weight copies and the input batch (memory the step holds
 anyway). Ops are attributed to regions by module hooks, forward and backward. Matmuls and
@@ -366,7 +366,7 @@ REPOSITORY = os.path.join(os.path.dirname(__file__), "..")
 
 
 def fused_op_table(batch: int = 256, profile_name: str = DEFAULT_PROFILE) -> str:
-    """kernels/README.md's byte table: what each fused op's kernels move in one ViT-B/16
+    """fastmae/kernels/README.md's byte table: what each fused op's kernels move in one ViT-B/16
     training step (224 px, ratio 0.75, bf16 autocast), from the ops' registered byte counts.
     The transformer blocks move none of it, so the model is built without them."""
     torch.manual_seed(0)
@@ -669,7 +669,7 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--readme",
         action="store_true",
-        help="rewrite kernels/README.md's fused-op byte table (with --memory: "
+        help="rewrite fastmae/kernels/README.md's fused-op byte table (with --memory: "
         "benchmarks/README.md's memory table)",
     )
     parser.add_argument(
@@ -687,7 +687,7 @@ def main(argv=None) -> str:
         return table
     if options.readme:
         table = fused_op_table(profile_name=options.profile)
-        write_readme_table(os.path.join(REPOSITORY, "kernels", "README.md"), table)
+        write_readme_table(os.path.join(REPOSITORY, "fastmae", "kernels", "README.md"), table)
         print(table)
         return table
     sections = []

@@ -8,14 +8,14 @@
 # For each Triton version it builds a throw-away venv (torch $TORCH_VERSION, default the
 # 2.13.0 CPU build, with that Triton forced in; numpy pinned where an old interpreter needs it),
 # installs fastmae into it, runs the static sm_90/sm_80 compile check and the Triton interpreter
-# tests ($COMPAT_TESTS, default tests/kernels), and prints one verdict line per version.
+# tests ($COMPAT_TESTS, default tests/test_kernels), and prints one verdict line per version.
 # Venvs live under $COMPAT_DIR (default /tmp/fastmae-compat) and are reused when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(3.0.0 3.9.0)
 torch_version=${TORCH_VERSION:-2.13.0}
-tests=${COMPAT_TESTS:-tests/kernels}
+tests=${COMPAT_TESTS:-tests/test_kernels}
 root=${COMPAT_DIR:-/tmp/fastmae-compat}
 mkdir -p "$root"
 

@@ -74,8 +74,8 @@ def test_loss_kernel_bytes_count_the_patches_read():
 
 
 def test_kernels_readme_byte_table_is_current():
-    """kernels/README.md's byte table is what the registered byte counts give today."""
-    readme = pathlib.Path(account.__file__).parent.parent / "kernels" / "README.md"
+    """fastmae/kernels/README.md's byte table is what the registered byte counts give today."""
+    readme = pathlib.Path(account.__file__).parent.parent / "fastmae" / "kernels" / "README.md"
     text = readme.read_text()
     start, end = (text.index(marker) for marker in account.README_TABLE)
     printed = text[start + len(account.README_TABLE[0]) : end].strip()

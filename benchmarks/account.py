@@ -15,7 +15,8 @@ One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` tha
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
 input counts its distinct elements) and at its matmul/attention FLOPs; each fastmae fused op
 is counted at what its kernels move, from ``fastmae.kernels._triton.FUSED_OPS`` (the same
-functions the benchmark summary and fastmae/kernels/README.md's table use), whichever backend ran it.
+functions the benchmark summary and fastmae/kernels/README.md's table use), whichever backend
+ran it.
 Saved activations are the tensors autograd keeps for backward, deduplicated by storage,
 leaving out parameters, autocast's weight copies and the input batch (memory the step holds
 anyway). Ops are attributed to regions by module hooks, forward and backward. Matmuls and

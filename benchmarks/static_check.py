@@ -125,7 +125,7 @@ def kernel_specs(width: int):
                 f"{prefix}unshuffle fwd (bf16 x)",
                 unshuffle._unshuffle_fwd_kernel,
                 {**pointers("out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32")}
-                | {**row_sizes, "D": DECODER},
+                | {**row_sizes, "D": DECODER, "num_positions": row_sizes["L"]},
                 {"CLS": cls, "SHUFFLED": False},
                 row_tile_config(DECODER),
             ),
@@ -145,20 +145,22 @@ def kernel_specs(width: int):
         spec(
             f"HF VideoMAE decoder input {direction}",
             kernel,
-            {**pointers(pointer_spec), **video_sizes, "D": DECODER},
+            {**pointers(pointer_spec), **video_sizes, "D": DECODER, **extra_sizes},
             {"CLS": 0, "SHUFFLED": True},
             row_tile_config(DECODER),
         )
-        for direction, kernel, pointer_spec in (
+        for direction, kernel, pointer_spec, extra_sizes in (
             (
                 "fwd (bf16 x)",
                 unshuffle._unshuffle_fwd_kernel,
                 "out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32",
+                {"num_positions": VIDEO_LENGTH},
             ),
             (
                 "bwd",
                 unshuffle._unshuffle_bwd_kernel,
                 "grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids=i64",
+                {},
             ),
         )
     ]

@@ -99,25 +99,33 @@ def check_divisible(height: int, width: int, patch_size: tuple[int, int]) -> Non
         )
 
 
-def mask_ratio_value(mask_ratio) -> float:
-    """mask_ratio as a float in [0, 1). Like the official ``int(L * (1 - mask_ratio))`` it takes
-    any real number: a Python or numpy scalar, or a 0-dim tensor (read on the host)."""
-    value = mask_ratio
+def ratio_value(ratio, name: str = "mask_ratio") -> float:
+    """A ratio (``mask_ratio``, ``decoder_mask_ratio``) as a float in [0, 1). Like the official
+    ``int(L * (1 - mask_ratio))`` it takes any real number: a Python or numpy scalar, or a 0-dim
+    tensor (read on the host)."""
+    value = ratio
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         value = value.item()
     elif isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
+        raise TypeError(f"{name} must be a real number in [0, 1), got {ratio!r}")
     value = float(value)
     if not 0 <= value < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {value}")
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
 
 
 def len_keep(num_patches: int, mask_ratio) -> int:
     """Number of kept patches, ``int(L * (1 - mask_ratio))`` exactly as the official code."""
-    return int(num_patches * (1 - mask_ratio_value(mask_ratio)))
+    return int(num_patches * (1 - ratio_value(mask_ratio)))
+
+
+def len_decode(num_patches: int, keep: int, decoder_mask_ratio: float) -> int:
+    """Number of tokens the decoder sees besides a cls row under decoder masking: the ``keep``
+    visible ones and ``M = int((L - keep) * (1 - decoder_mask_ratio))`` removed ones (a checked
+    ratio; 0 gives every removed patch, the official decoder)."""
+    return keep + int((num_patches - keep) * (1 - decoder_mask_ratio))
 
 
 def masking_step(imgs, num_patches: int, mask_ratio, noise) -> int:

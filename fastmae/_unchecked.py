@@ -51,13 +51,33 @@ def add_positions(tokens, ids_keep, cls_token, pos_embed):
     return add_positions_op(tokens, ids_keep.long(), cls_token, pos_embed, triton_path)
 
 
-def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True):
+def unshuffle_tokens(x, ids, mask_token, pos_embed, has_cls: bool = True, shuffled: bool = False):
+    """The decoder input (see ``fastmae.kernels.unshuffle``): with ``ids_restore [N, L]`` every
+    position in order; with ``shuffled`` and ``ids_shuffle`` (or its first R columns) the rows
+    in shuffled order, x's tokens then mask tokens, each plus the position of its patch."""
     if functorch_active():
-        return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls)
+        if shuffled:
+            return reference.shuffled_tokens(x, ids, mask_token, pos_embed, has_cls)
+        return reference.unshuffle_tokens(x, ids, mask_token, pos_embed, has_cls)
     width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
     mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
-    return unshuffle_op(x, ids_restore.long(), mask_token, pos_embed, has_cls, False, triton_path)
+    return unshuffle_op(x, ids.long(), mask_token, pos_embed, has_cls, shuffled, triton_path)
+
+
+def shuffle_order(ids_restore):
+    """ids_restore ``[N, L]`` (a permutation per row) -> its inverse ``ids_shuffle``: patch
+    ``ids_shuffle[n, r]`` has rank r, the kept patches first. One scatter, no sort."""
+    ranks = torch.arange(ids_restore.shape[1], device=ids_restore.device)
+    return torch.empty_like(ids_restore).scatter_(1, ids_restore, ranks.expand_as(ids_restore))
+
+
+def place_rows(rows, ids, length: int):
+    """rows ``[N, R, P]`` -> ``[N, length, P]`` with row r at ``ids[n, r]`` and zeros
+    elsewhere (the prediction of a decoder that saw only some positions). Differentiable."""
+    n, _, pixels = rows.shape
+    index = ids[..., None].expand(-1, -1, pixels)
+    return rows.new_zeros(n, length, pixels).scatter(1, index, rows)
 
 
 def patchify(imgs, patch_size):
@@ -74,25 +94,21 @@ def unpatchify(x, patch_size, grid_size):
     return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
 
 
-def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None):
+def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None, pred_ids=None):
+    """MAE's loss; row r of pred predicts patch r, or patch ``pred_ids[n, r]`` (then the
+    images get no gradient: pass them detached)."""
     if functorch_active():
-        return reference.masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames)
+        return reference.masked_pixel_loss(
+            imgs, pred, mask, patch_size, norm_pix_loss, frames, pred_ids
+        )
     # The mask's gradient needs every patch's MSE, so only then are all patches read.
     all_patches = mask.requires_grad and torch.is_grad_enabled()
     triton_path = use_triton(imgs, pred, mask)
     norm = "patch" if norm_pix_loss else "none"
+    pred_ids = None if pred_ids is None else pred_ids.long()
     return masked_pixel_loss_op(
-        imgs, pred, mask, None, frames, None, list(patch_size), norm, all_patches, triton_path
+        imgs, pred, mask, pred_ids, frames, None, list(patch_size), norm, all_patches, triton_path
     )[0]
-
-
-def decoder_input_in_shuffled_order(x, ids_shuffle, mask_token, pos_embed):
-    """Hugging Face VideoMAE's decoder input: x ``[N, K, D]`` (the visible tokens), then mask
-    tokens, row r plus position ``ids_shuffle[n, r]`` -> ``[N, L, D]``."""
-    width = x.shape[2]
-    triton_path = use_triton(x, mask_token, pos_embed)
-    mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
-    return unshuffle_op(x, ids_shuffle.long(), mask_token, pos_embed, False, True, triton_path)
 
 
 def masked_pixel_loss_by_ids(video, pred, pred_ids, patch_size, norm: str, unnormalise=None):

@@ -68,6 +68,12 @@ class StepChecks:
             _checks.check_dtype_matches(imgs, weight)
         return _checks.masking_step(imgs, self.patch_embed.num_patches, mask_ratio, noise)
 
+    def _check_decoder_mask_ratio(self, decoder_mask_ratio) -> float:
+        """A forward's ``decoder_mask_ratio`` (checked, in [0, 1)), or the model's own."""
+        if decoder_mask_ratio is None:
+            return self.decoder_mask_ratio
+        return _checks.ratio_value(decoder_mask_ratio, "decoder_mask_ratio")
+
     def _check_decoder_inputs(self, x, ids_restore):
         """x: the latent ``[N, S+K, D]`` (S = 1 with a cls row); ids_restore ``[N, L]`` integer
         ids on x's device."""
@@ -86,7 +92,9 @@ class MaskedAutoencoderBase(StepChecks, nn.Module):
 
     ``img_size`` and ``patch_size`` take an int or an ``(H, W)`` pair. ``norm_layer`` makes
     every LayerNorm (the blocks' and the two final ones): a fused normalisation module that
-    subclasses ``nn.LayerNorm`` keeps the state_dict keys.
+    subclasses ``nn.LayerNorm`` keeps the state_dict keys. ``decoder_mask_ratio`` (beyond the
+    official constructor; default 0, the official model) is the share of the removed patches
+    the decoder leaves out (see :func:`fastmae.reference.decoder_masking`).
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class MaskedAutoencoderBase(StepChecks, nn.Module):
         mlp_ratio=4.0,
         norm_layer=nn.LayerNorm,
         norm_pix_loss=False,
+        decoder_mask_ratio=0.0,
     ):
         super().__init__()
         # Creation order follows the official model, so a seed gives the same initial weights.
@@ -133,6 +142,7 @@ class MaskedAutoencoderBase(StepChecks, nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_pixels, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
+        self.decoder_mask_ratio = _checks.ratio_value(decoder_mask_ratio, "decoder_mask_ratio")
         self.initialize_weights()
 
     # -- initialisation ------------------------------------------------------------------------

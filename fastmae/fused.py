@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmae import _checks, functional
+from fastmae import _checks, _unchecked, functional, reference
 from fastmae.base import masking_noise
 
 
@@ -13,14 +13,36 @@ class FusedSteps:
     """A drop-in's ``forward`` and official methods over its unchecked steps ``_encoder``,
     ``_decoder``, ``_loss`` (and its checks); shared by the image and the video drop-in."""
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, decoder_mask_ratio=None):
         """imgs (``[N, C, H, W]``, or ``[N, C, T, H, W]`` for video) -> ``(loss, pred [N, L, P],
         mask [N, L])``. ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that
-        decides the mask."""
+        decides the mask. ``decoder_mask_ratio`` overrides the model's own (see
+        :func:`fastmae.reference.decoder_masking`)."""
         len_keep = self._check_step(imgs, mask_ratio, noise)
+        ratio = self._check_decoder_mask_ratio(decoder_mask_ratio)
         latent, mask, ids_restore = self._encoder(imgs, len_keep, noise)
-        pred = self._decoder(latent, ids_restore)
-        loss = self._loss(imgs, pred, mask)
+        if not ratio:
+            pred = self._decoder(latent, ids_restore)
+            return self._loss(imgs, pred, mask), pred, mask
+        return self._decoder_masked_step(imgs, latent, mask, ids_restore, len_keep, ratio)
+
+    def _decoder_masked_step(self, imgs, latent, mask, ids_restore, len_keep: int, ratio: float):
+        """The decoder and loss under decoder masking: the decoder input in shuffled order (the
+        kept tokens, then the mask tokens of the decoded removed patches, each plus its
+        position: attention does not depend on the order), no unshuffle; the loss reads the M
+        decoded rows and their target patches by id; pred gets every row in place."""
+        length = ids_restore.shape[1]
+        total = _checks.len_decode(length, len_keep, ratio)
+        decoded_ids = _unchecked.shuffle_order(ids_restore)[:, :total]
+        rows = self._decoder(latent, decoded_ids, shuffled=True)
+        pred = reference.place_rows(rows, decoded_ids, length)
+        if imgs.requires_grad and torch.is_grad_enabled():
+            # The images' gradient through the targets: the loss over pred, weighted.
+            weights = reference.decoded_weights(ids_restore, len_keep, total)
+            return self._loss(imgs, pred, weights), pred, mask
+        removed_ids = decoded_ids[:, len_keep:]
+        weights = torch.ones(removed_ids.shape, dtype=mask.dtype, device=mask.device)
+        loss = self._loss(imgs, rows[:, len_keep:], weights, pred_ids=removed_ids)
         return loss, pred, mask
 
     # -- the official methods, for callers that use them one at a time: each checks its inputs.

@@ -40,19 +40,26 @@ class MaskedAutoencoderViT(FusedSteps, MaskedAutoencoderBase):
             x = block(x)
         return self.norm(x), mask, ids_restore
 
-    def _decoder(self, latent, ids_restore):
-        """-> pred ``[N, L, p*p*C]``, a strided view that the loss reads without a copy."""
+    def _decoder(self, latent, ids, shuffled: bool = False):
+        """-> pred ``[N, L, p*p*C]``, a strided view that the loss reads without a copy. With
+        ``shuffled``, ids are ``ids_shuffle[:, :R]`` and the rows ``[N, R, p*p*C]`` predict
+        those patches (decoder masking)."""
         x = self.decoder_embed(latent)
-        x = _unchecked.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+        x = _unchecked.unshuffle_tokens(
+            x, ids, self.mask_token, self.decoder_pos_embed, shuffled=shuffled
+        )
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]
 
-    def _loss(self, imgs, pred, mask):
-        """-> the 0-dim loss, averaged over the removed patches."""
+    def _loss(self, imgs, pred, mask, pred_ids=None):
+        """-> the 0-dim loss, averaged over the removed patches (rows of pred: every patch, or
+        patches ``pred_ids``)."""
         patch_size = self.patch_embed.patch_size
-        return _unchecked.masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss)
+        return _unchecked.masked_pixel_loss(
+            imgs, pred, mask, patch_size, self.norm_pix_loss, pred_ids=pred_ids
+        )
 
     # -- the official tensor methods ---------------------------------------------------------
 

@@ -137,11 +137,66 @@ def unshuffle_tokens(x, ids_restore, mask_token, pos_embed, has_cls: bool = True
     return x + pos_embed
 
 
-def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False, frames=None):
+def shuffled_tokens(x, ids_shuffle, mask_token, pos_embed, has_cls: bool = True):
+    """The decoder input in shuffled order: x ``[N, S+K, Dd]``, then mask tokens, row r of them
+    plus ``pos_embed[:, S + ids_shuffle[n, r]]`` -> ``[N, S+R, Dd]`` for ``ids_shuffle [N, R]``
+    (all L ids, or the first R under decoder masking). Attention does not depend on the order
+    of the tokens, so a decoder gives each the same output as in :func:`unshuffle_tokens`."""
+    start = int(has_cls)
+    n, rows = ids_shuffle.shape
+    mask_tokens = mask_token.expand(n, rows + start - x.shape[1], -1)
+    tokens = torch.cat([x[:, start:, :], mask_tokens], dim=1)
+    positions = pos_embed[:, start:, :].expand(n, -1, -1)
+    index = ids_shuffle.unsqueeze(-1).expand(-1, -1, x.shape[2])
+    tokens = tokens + torch.gather(positions, dim=1, index=index)
+    return torch.cat([x[:, :start, :] + pos_embed[:, :start, :], tokens], dim=1)
+
+
+def decoder_masking(ids_restore, len_keep: int, decoder_mask_ratio: float):
+    """Decoder masking (VideoMAE V2's dual masking, CrossMAE's partial reconstruction) on top of
+    MAE's mask, with no new random draw: the decoder sees the K kept patches and the
+    ``M = int((L - K) * (1 - decoder_mask_ratio))`` removed patches of lowest noise, the loss
+    averages over those M.
+
+    ids_restore ``[N, L]`` -> (ids ``[N, K+M]``: the patches the decoder sees, in rank order, so
+    ``ids_shuffle[:, :K+M]``; weights ``[N, L]``: 1 at the M decoded removed patches, else 0,
+    in the default float dtype, the mask of the loss)."""
+    length = ids_restore.shape[1]
+    total = _checks.len_decode(length, len_keep, decoder_mask_ratio)
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    return ids_shuffle[:, :total], decoded_weights(ids_restore, len_keep, total)
+
+
+def decoded_weights(ids_restore, len_keep: int, total: int):
+    """``[N, L]``: 1 where a patch's rank lies in ``[len_keep, total)`` (removed, decoded)."""
+    decoded = (ids_restore >= len_keep) & (ids_restore < total)
+    return decoded.to(torch.get_default_dtype())
+
+
+def select_tokens(x, ids, has_cls: bool = True):
+    """x ``[N, S+L, D]`` -> ``[N, S+R, D]``: the cls row (S = 1 with ``has_cls``), then the rows
+    of patches ``ids [N, R]``."""
+    start = int(has_cls)
+    index = ids.unsqueeze(-1).expand(-1, -1, x.shape[2])
+    return torch.cat([x[:, :start, :], torch.gather(x[:, start:, :], 1, index)], dim=1)
+
+
+def place_rows(rows, ids, length: int):
+    """rows ``[N, R, P]`` -> ``[N, length, P]``, row r at position ``ids[n, r]`` and zeros
+    elsewhere: the prediction of a decoder that saw only some positions. Differentiable."""
+    n, _, pixels = rows.shape
+    index = ids.unsqueeze(-1).expand(-1, -1, pixels)
+    return rows.new_zeros(n, length, pixels).scatter(1, index, rows)
+
+
+def masked_pixel_loss(
+    imgs, pred, mask, patch_size, norm_pix_loss: bool = False, frames=None, pred_ids=None
+):
     """Mean squared error per patch, averaged over the removed patches (mask 1).
 
     imgs ``[N, C, H, W]`` with patch ``(ph, pw)``, or a video ``[N, C, T, H, W]`` with tubelet
-    ``(u, ph, pw)`` whose targets are the frames ``frames`` (int64; all without). With
+    ``(u, ph, pw)`` whose targets are the frames ``frames`` (int64; all without). Row r of pred
+    ``[N, R, P]`` (and of mask ``[N, R]``) is patch r, or patch ``pred_ids[n, r]``. With
     ``norm_pix_loss`` the target patch is normalised by its mean and unbiased variance
     (+1e-6). A mask that sums to exactly 0 (no removed patch) gives 0 where the official code
     gives NaN; any other real mask, negative weights too, gives the official value.
@@ -151,6 +206,8 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss: bool = False,
     if imgs.dim() == 4:
         patch_size = to_2tuple(patch_size, "patch_size")
     target = patch_rows(imgs, patch_size)
+    if pred_ids is not None:
+        target = torch.gather(target, 1, pred_ids[..., None].expand(-1, -1, target.shape[2]))
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -201,15 +258,21 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
             x = block(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        """latent ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, p*p*C]``."""
+    def forward_decoder(self, x, ids_restore, decoded_ids=None):
+        """latent ``[N, 1+K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, p*p*C]``. With
+        ``decoded_ids [N, R]`` (decoder masking) the blocks see the cls row and those patches
+        only, and pred is 0 at the other positions."""
         self._check_decoder_inputs(x, ids_restore)
         x = self.decoder_embed(x)
         x = unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+        if decoded_ids is not None:
+            x = select_tokens(x, decoded_ids)
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
+        if decoded_ids is not None:
+            return place_rows(x[:, 1:, :], decoded_ids, ids_restore.shape[1])
         return x[:, 1:, :]
 
     def forward_loss(self, imgs, pred, mask):
@@ -217,15 +280,27 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
         self._check_loss_inputs(imgs, pred, mask)
         return masked_pixel_loss(imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, decoder_mask_ratio=None):
         """imgs ``[N, C, H, W]`` -> ``(loss, pred [N, L, p*p*C], mask [N, L])``.
 
         ``noise [N, L]``, if given, replaces the ``torch.rand`` draw that decides the mask.
+        ``decoder_mask_ratio`` overrides the model's (see :func:`decoder_masking`).
         """
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        return forward_with_decoder_masking(self, imgs, mask_ratio, noise, decoder_mask_ratio)
+
+
+def forward_with_decoder_masking(model, imgs, mask_ratio, noise, decoder_mask_ratio):
+    """The official forward of an MAE (image or video) through its official methods, with
+    decoder masking when the ratio (the model's, or the given one) is not 0."""
+    ratio = model._check_decoder_mask_ratio(decoder_mask_ratio)
+    latent, mask, ids_restore = model.forward_encoder(imgs, mask_ratio, noise)
+    if not ratio:
+        pred = model.forward_decoder(latent, ids_restore)
+        return model.forward_loss(imgs, pred, mask), pred, mask
+    len_keep = _checks.len_keep(ids_restore.shape[1], mask_ratio)
+    decoded_ids, weights = decoder_masking(ids_restore, len_keep, ratio)
+    pred = model.forward_decoder(latent, ids_restore, decoded_ids)
+    return model.forward_loss(imgs, pred, weights), pred, mask
 
 
 _base, _large, _huge = make_factories(MaskedAutoencoderViT)

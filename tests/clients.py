@@ -23,6 +23,9 @@ from tests.configs import TINY, TINY_CLIP, TINY_VIDEOMAE, TINY_VITMAE
 from tests.helpers import assert_close, assert_tensors_match
 
 FAMILIES = ("image", "video", "hf", "videomae")
+# The drop-ins built with decoder masking on (decoder_mask_ratio 0.5), as a user opts in.
+DECODER_MASKED_FAMILIES = ("image-decoder-masked", "video-decoder-masked")
+DECODER_MASKED_SUFFIX = "-decoder-masked"
 
 
 @dataclass
@@ -63,15 +66,18 @@ def _call_videomae(model, clips, noise=None, *, length: int):
 
 def make_family(name: str, norm_pix_loss: bool = True) -> Family:
     """The oracle and the fastmae model of family ``name``, with the same initial weights."""
+    decoder_masked = name.endswith(DECODER_MASKED_SUFFIX)
+    name = name.removesuffix(DECODER_MASKED_SUFFIX)
+    options = dict(norm_pix_loss=norm_pix_loss, decoder_mask_ratio=0.5 if decoder_masked else 0)
     if name == "image":
-        config = dict(img_size=16, patch_size=4, norm_pix_loss=norm_pix_loss, **TINY)
+        config = dict(img_size=16, patch_size=4, **options, **TINY)
         torch.manual_seed(0)
         oracle = reference.MaskedAutoencoderViT(**config)
         fused = fastmae.MaskedAutoencoderViT(**config)
         fused.load_state_dict(oracle.state_dict())
         return Family(oracle, fused, lambda n: torch.randn(n, 3, 16, 16), _call_drop_in, 16)
     if name == "video":
-        config = dict(norm_pix_loss=norm_pix_loss, cls_embed=True, **TINY, **TINY_CLIP)
+        config = dict(cls_embed=True, **options, **TINY, **TINY_CLIP)
         torch.manual_seed(0)
         oracle = video_reference.MaskedAutoencoderViT(**config)
         fused = fastmae.video.MaskedAutoencoderViT(**config)

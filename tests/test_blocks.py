@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 import fastmae
 from fastmae import reference
 from fastmae.layers import set_fused_attn
-from tests.clients import FAMILIES, family_step, make_family
+from tests.clients import DECODER_MASKED_FAMILIES, FAMILIES, family_step, make_family
 from tests.configs import TINY_IMAGE
 from tests.helpers import assert_as_accurate, assert_close, assert_tensors_match
 from tests.multiprocess import fsdp2
@@ -105,7 +105,7 @@ def saved_bytes(step) -> int:
 
 
 @pytest.mark.parametrize("mode", fastmae.blocks.CHECKPOINT_MODES)
-@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("family_name", FAMILIES + DECODER_MASKED_FAMILIES)
 def test_checkpoint_blocks_gives_the_same_gradients(family_name, mode, backend, fresh_seed):
     family = make_family(family_name)  # seeds its weights: reseed for fresh inputs
     torch.manual_seed(fresh_seed)

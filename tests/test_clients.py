@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.clients import FAMILIES, comparable_parameters, make_family
+from tests.clients import DECODER_MASKED_FAMILIES, FAMILIES, comparable_parameters, make_family
 from tests.helpers import assert_as_accurate, assert_close
 
 
@@ -63,7 +63,7 @@ def engine_epoch(family, model, batches, accum_iter: int, autocast_dtype, seed: 
 
 
 @pytest.mark.parametrize("accum_iter", [1, 2])
-@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("family_name", FAMILIES + DECODER_MASKED_FAMILIES)
 def test_official_engine_fp32_matches_the_oracle(backend, family_name, accum_iter, fresh_seed):
     """fp32, 4 steps: the loss at every step, and the parameters afterwards, within float32
     rounding of the oracle's."""
@@ -84,7 +84,7 @@ def test_official_engine_fp32_matches_the_oracle(backend, family_name, accum_ite
 
 
 @pytest.mark.parametrize("accum_iter", [1, 2])
-@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("family_name", FAMILIES + DECODER_MASKED_FAMILIES)
 def test_official_engine_bf16_within_the_oracle_own_error(family_name, accum_iter, fresh_seed):
     """bf16 autocast with the GradScaler, 4 steps: the losses' error against the oracle's fp32
     run of the same loop is at most twice the oracle's own bf16 error (bf16 cannot match bit
@@ -98,7 +98,7 @@ def test_official_engine_bf16_within_the_oracle_own_error(family_name, accum_ite
     assert_as_accurate(fused, oracle, exact, torch.bfloat16, "losses", floor=False)
 
 
-@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("family_name", FAMILIES + DECODER_MASKED_FAMILIES)
 def test_twenty_adamw_steps_converge_with_the_oracle(backend, family_name, fresh_seed):
     """Liger-Kernel-style convergence: 20 AdamW steps of each model from the same weights,
     batches and masks; the loss curves agree to float32 rounding at every step."""

@@ -165,8 +165,8 @@ def _pretraining_forward(self, pixel_values, bool_masked_pos=None, **kwargs):
     ids_shuffle = _visible_then_masked(bool_masked_pos)
     # HF adds the fixed decoder table in the clip's dtype.
     positions = self.position_embeddings.to(device=pixel_values.device, dtype=pixel_values.dtype)
-    decoder_input = _unchecked.decoder_input_in_shuffled_order(
-        tokens, ids_shuffle, self.mask_token, positions
+    decoder_input = _unchecked.unshuffle_tokens(
+        tokens, ids_shuffle, self.mask_token, positions, has_cls=False, shuffled=True
     )
     logits = self.decoder(decoder_input, masked).logits
     loss = _unchecked.masked_pixel_loss_by_ids(

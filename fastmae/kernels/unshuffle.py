@@ -10,6 +10,10 @@ instead of the tokens) the rows stay where they are and ``ids`` are ``ids_shuffl
 
     out[n, S+r] = (x[n, S+r] if r < K else mask_token) + pos[S+ids[n, r]]
 
+where ``ids`` may be the first R of a sample's L ids (decoder masking: the decoder sees the K
+visible tokens and the R - K removed ones of lowest noise), so positions range over the table's
+L rows, not over the R output rows.
+
 The official code concatenates mask tokens, gathers with a repeated int64 index and adds the
 position embedding in three passes. The backward is the same map read the other way: the
 kept rows' gradients go back to ``x`` (a permutation, so no two writes collide) and the mask
@@ -58,10 +62,11 @@ def _unshuffle_fwd_kernel(
     x_ptr,  # [N, CLS+K, D]
     ids_ptr,  # [N, L] int64: ids_restore, or ids_shuffle when SHUFFLED
     mask_token_ptr,  # [D]
-    pos_ptr,  # [CLS+L, D]
+    pos_ptr,  # [CLS+num_positions, D]: num_positions = L, or (SHUFFLED) at least L
     L,
     K,
     D,
+    num_positions,
     CLS: tl.constexpr,
     SHUFFLED: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -74,7 +79,9 @@ def _unshuffle_fwd_kernel(
     if SHUFFLED:  # the position of the patch this row holds; an id out of range adds none
         is_patch = row_valid & (row >= CLS)
         patch = tl.load(ids_ptr + image * L + row - CLS, mask=is_patch, other=0).to(tl.int64)
-        has_position = (row_valid & (row < CLS)) | (is_patch & (patch >= 0) & (patch < L))
+        has_position = (row_valid & (row < CLS)) | (
+            is_patch & (patch >= 0) & (patch < num_positions)
+        )
         pos_rows = tl.where(is_patch, patch + CLS, row)
     store_rows_plus_positions(
         out_ptr,
@@ -138,6 +145,7 @@ def _unshuffle_triton(out, x, ids, mask_token, pos_embed, cls: int, shuffled: bo
         rows - cls,
         x.shape[1] - cls,
         width,
+        pos_embed.shape[0] - cls,
         CLS=cls,
         SHUFFLED=shuffled,
     )
@@ -193,7 +201,7 @@ def _shuffled_torch(out, x, ids_shuffle, mask_token, pos_embed, cls: int):
     keep = x.shape[1] - cls
     fill = mask_token.to(out.dtype).expand(n, length - keep, -1)
     tokens = torch.cat([x.to(out.dtype), fill], dim=1)
-    safe_ids, in_range = ids_in_range(ids_shuffle, length)
+    safe_ids, in_range = ids_in_range(ids_shuffle, pos_embed.shape[0] - cls)
     positions = torch.where(in_range[..., None], pos_embed[cls:][safe_ids], 0)
     torch.add(tokens, torch.cat([pos_embed[:cls].expand(n, -1, -1), positions], 1), out=out)
 
@@ -229,9 +237,10 @@ def unshuffle_op(
     use_triton: bool,
 ) -> Tensor:
     """x ``[N, S+K, D]`` (S = 1 with ``has_cls``, its cls row first), ids ``[N, L]`` int64
-    (``ids_restore``, or with ``shuffled`` ``ids_shuffle``: see the module docstring),
-    mask_token ``[D]``, pos_embed ``[S+L, D]`` -> ``[N, S+L, D]`` in the promotion of the three
-    dtypes (as the official ``cat`` and ``+`` give)."""
+    (``ids_restore``, or with ``shuffled`` ``ids_shuffle``, or its first R columns: see the
+    module docstring), mask_token ``[D]``, pos_embed ``[S+L, D]`` (``[S+L', D]``, L' >= R, in
+    shuffled order) -> ``[N, S+L, D]`` (``[N, S+R, D]``) in the promotion of the three dtypes
+    (as the official ``cat`` and ``+`` give)."""
     out_dtype = promoted_dtype(x, mask_token, pos_embed)
     rows = ids.shape[1] + int(has_cls)
     out = torch.empty(x.shape[0], rows, x.shape[2], dtype=out_dtype, device=x.device)

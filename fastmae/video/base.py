@@ -19,7 +19,8 @@ class VideoMaskedAutoencoderBase(StepChecks, nn.Module):
 
     ``patch_embed`` is the class that embeds the video, built as mae_st builds it; the default
     is :class:`fastmae.layers.PatchEmbed3d`. ``norm_layer`` makes every LayerNorm. Extra keyword
-    arguments are accepted and ignored, as mae_st does.
+    arguments are accepted and ignored, as mae_st does. ``decoder_mask_ratio`` (beyond mae_st;
+    default 0) is the share of the removed tubelets the decoder leaves out.
     """
 
     latent_has_cls = False  # mae_st's forward_encoder drops the cls row
@@ -31,7 +32,8 @@ class VideoMaskedAutoencoderBase(StepChecks, nn.Module):
         norm_layer=nn.LayerNorm, norm_pix_loss=False,
         # mae_st's own arguments, in its order:
         num_frames=16, t_patch_size=4, patch_embed=PatchEmbed3d, no_qkv_bias=False,
-        sep_pos_embed=False, trunc_init=False, cls_embed=False, pred_t_dim=8, **kwargs,
+        sep_pos_embed=False, trunc_init=False, cls_embed=False, pred_t_dim=8,
+        decoder_mask_ratio=0.0, **kwargs,
     ):
         # fmt: on
         super().__init__()
@@ -40,6 +42,7 @@ class VideoMaskedAutoencoderBase(StepChecks, nn.Module):
         self.cls_embed = cls_embed
         self.pred_t_dim = pred_t_dim
         self.norm_pix_loss = norm_pix_loss
+        self.decoder_mask_ratio = _checks.ratio_value(decoder_mask_ratio, "decoder_mask_ratio")
         # Creation order is mae_st's, so a seed gives the same initial weights (the patch
         # embedding is built, and checks its sizes, before pred_t_dim is checked against them).
         self.patch_embed = patch_embed(

@@ -56,26 +56,29 @@ class MaskedAutoencoderViT(FusedSteps, VideoMaskedAutoencoderBase):
         x = self.norm(x)
         return x[:, int(self.cls_embed) :, :], mask, ids_restore
 
-    def _decoder(self, latent, ids_restore):
-        """-> pred ``[N, L, u'*p*p*C]``, a view that the loss reads without a copy."""
+    def _decoder(self, latent, ids, shuffled: bool = False):
+        """-> pred ``[N, L, u'*p*p*C]``, a view that the loss reads without a copy. With
+        ``shuffled``, ids are ``ids_shuffle[:, :R]`` and the rows ``[N, R, u'*p*p*C]`` predict
+        those tubelets (decoder masking)."""
         x = self.decoder_embed(latent)
         if self.cls_embed:
             x = torch.cat([self.decoder_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         positions = self.position_table("decoder_")
         x = _unchecked.unshuffle_tokens(
-            x, ids_restore, self.mask_token, positions, has_cls=self.cls_embed
+            x, ids, self.mask_token, positions, has_cls=self.cls_embed, shuffled=shuffled
         )
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, int(self.cls_embed) :, :]
 
-    def _loss(self, imgs, pred, mask):
-        """-> the 0-dim loss over the removed tokens, targets read in place from imgs."""
+    def _loss(self, imgs, pred, mask, pred_ids=None):
+        """-> the 0-dim loss over the removed tokens (rows of pred: every token, or tokens
+        ``pred_ids``), targets read in place from imgs."""
         patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
         frames = self.target_frames(imgs.shape[2], imgs.device)
         return _unchecked.masked_pixel_loss(
-            imgs, pred, mask, patch_size, self.norm_pix_loss, frames=frames
+            imgs, pred, mask, patch_size, self.norm_pix_loss, frames=frames, pred_ids=pred_ids
         )
 
     # -- mae_st's tensor methods ----------------------------------------------------------------

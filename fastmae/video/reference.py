@@ -27,9 +27,12 @@ import torch
 from fastmae.base import make_factories
 from fastmae.config import VIDEO_FACTORIES
 from fastmae.reference import (
+    forward_with_decoder_masking,
     masked_pixel_loss,
     patch_rows,
+    place_rows,
     random_masking_with_ids,
+    select_tokens,
     unpatch_rows,
 )
 from fastmae.video.base import VideoMaskedAutoencoderBase
@@ -77,8 +80,10 @@ class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
         x = self.norm(x)
         return x[:, int(self.cls_embed) :, :], mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        """latent ``[N, K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, u'*p*p*C]``."""
+    def forward_decoder(self, x, ids_restore, decoded_ids=None):
+        """latent ``[N, K, D]``, ids_restore ``[N, L]`` -> pred ``[N, L, u'*p*p*C]``. With
+        ``decoded_ids [N, R]`` (decoder masking) the blocks see the cls row, if any, and those
+        tubelets only, and pred is 0 at the other positions."""
         self._check_decoder_inputs(x, ids_restore)
         n, length = ids_restore.shape
         x = self.decoder_embed(x)
@@ -89,10 +94,13 @@ class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
             x = torch.cat((self.decoder_cls_token.expand(n, -1, -1), x), dim=1)
         decoder_pos_embed = self.position_table("decoder_")
         x = x + decoder_pos_embed
+        if decoded_ids is not None:
+            x = select_tokens(x, decoded_ids, self.cls_embed)
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, int(self.cls_embed) :, :]
+        x = x[:, int(self.cls_embed) :, :]
+        return x if decoded_ids is None else place_rows(x, decoded_ids, length)
 
     def forward_loss(self, imgs, pred, mask):
         """imgs ``[N, C, T, H, W]``, pred ``[N, L, u'*p*p*C]``, mask ``[N, L]`` -> 0-dim loss."""
@@ -101,12 +109,11 @@ class MaskedAutoencoderViT(VideoMaskedAutoencoderBase):
         patch_size = (self.t_pred_patch_size, *self.patch_embed.patch_size)
         return masked_pixel_loss(imgs, pred, mask, patch_size, self.norm_pix_loss, frames)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """imgs ``[N, C, T, H, W]`` -> ``(loss, pred [N, L, u'*p*p*C], mask [N, L])``."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+    def forward(self, imgs, mask_ratio=0.75, noise=None, decoder_mask_ratio=None):
+        """imgs ``[N, C, T, H, W]`` -> ``(loss, pred [N, L, u'*p*p*C], mask [N, L])``;
+        ``decoder_mask_ratio`` overrides the model's (see
+        :func:`fastmae.reference.decoder_masking`)."""
+        return forward_with_decoder_masking(self, imgs, mask_ratio, noise, decoder_mask_ratio)
 
 
 _base, _large, _huge = make_factories(MaskedAutoencoderViT, VIDEO_FACTORIES)

@@ -61,7 +61,9 @@ def test_shuffled_order_matches_videomae_decoder_input(backend, ratio):
         torch.randn(1, length, width, requires_grad=True),
     ]
     twins = [t.detach().clone().requires_grad_() for t in leaves]
-    out = _unchecked.decoder_input_in_shuffled_order(leaves[0], ids_shuffle, *leaves[1:])
+    out = _unchecked.unshuffle_tokens(
+        leaves[0], ids_shuffle, *leaves[1:], has_cls=False, shuffled=True
+    )
     x, mask_token, pos = twins
     positions = pos.expand(n, -1, -1).gather(1, ids_shuffle[..., None].expand(-1, -1, width))
     ref = torch.cat([x + positions[:, :keep], mask_token + positions[:, keep:]], 1)

@@ -9,10 +9,11 @@
   the timed function ends with a synchronize, so the clock sees the GPU work.
 - With ``--benchmark-disable`` (CI's smoke run) each step runs once, baseline included.
 
-Rows: ``reference`` and ``fastmae`` everywhere; the training step also has ``official`` (the
-reference with timm 0.3.2's explicit attention arithmetic instead of SDPA: what someone running
-facebookresearch/mae has) and, on a GPU or with ``--fastmae-compile-blocks``,
-``reference+compile_blocks`` and ``fastmae+compile_blocks`` (:func:`fastmae.compile_blocks`).
+Rows: ``reference`` and ``fastmae`` everywhere; the drop-ins' training steps also have
+``fastmae decoder_mask 0.5`` and ``0.75`` (the fused model with ``decoder_mask_ratio``); the
+image training step also has ``official`` (the reference with timm 0.3.2's explicit
+attention arithmetic instead of SDPA: what someone running facebookresearch/mae has) and,
+on a GPU or with ``--fastmae-compile-blocks``, ``reference+compile_blocks`` and ``fastmae+compile_blocks`` (:func:`fastmae.compile_blocks`).
 
 Options: ``--fastmae-compile`` adds ``reference+compile`` and ``fastmae+compile`` rows to the op
 groups, ``--fastmae-compile all`` to the training steps too (compiling a whole ViT takes minutes);
@@ -75,11 +76,23 @@ def pytest_addoption(parser):
     )
 
 
+# The drop-ins' training-step rows with decoder masking on, and their ratios.
+DECODER_MASK_ROWS = {"fastmae decoder_mask 0.5": 0.5, "fastmae decoder_mask 0.75": 0.75}
+DECODER_MASKED_STEPS = ("test_train_step", "test_video_train_step")
+
+
+def decoder_mask_ratio(impl: str) -> float:
+    """The ``decoder_mask_ratio`` a row's model is built with (0: the official decoder)."""
+    return DECODER_MASK_ROWS.get(impl, 0.0)
+
+
 def pytest_generate_tests(metafunc):
     if "impl" in metafunc.fixturenames:
         impls = ["reference", "fastmae"]
         compile_rows = metafunc.config.getoption("--fastmae-compile")
         is_step = "model_name" in metafunc.fixturenames
+        if metafunc.function.__name__ in DECODER_MASKED_STEPS:
+            impls += list(DECODER_MASK_ROWS)
         if is_step:
             impls.insert(0, "official")
             if metafunc.config.getoption("--fastmae-compile-blocks"):

@@ -1,5 +1,5 @@
 """A full training step: forward, backward and AdamW, official / reference / fastmae rows (and
-compile_blocks rows), same weights."""
+decoder-masked and compile_blocks rows), same weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastmae
-from benchmarks.conftest import training_step
+from benchmarks.conftest import decoder_mask_ratio, training_step
 from fastmae import reference
 from fastmae.config import IMAGE_SIZE
 from fastmae.layers import set_fused_attn
@@ -20,7 +20,8 @@ def test_train_step(benchmark, measure, settings, impl, model_name):
     def make_step(impl):
         module = fastmae if impl.startswith("fastmae") else reference
         torch.manual_seed(0)
-        model = getattr(module, model_name)().to(settings.device)
+        model = getattr(module, model_name)(decoder_mask_ratio=decoder_mask_ratio(impl))
+        model = model.to(settings.device)
         if impl == "official":  # what facebookresearch/mae runs: timm 0.3.2's attention
             set_fused_attn(model, False)
         if impl.endswith("+compile_blocks"):

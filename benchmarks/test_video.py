@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from benchmarks.account import tube_mask
-from benchmarks.conftest import GPU, training_step
+from benchmarks.conftest import GPU, decoder_mask_ratio, training_step
 from fastmae import video
 from fastmae.config import IMAGE_SIZE, VIDEO_CLIP, VIDEOMAE_TUBE_MASK_RATIO, video_step
 from fastmae.video import reference
@@ -72,7 +72,8 @@ def test_video_train_step(benchmark, measure, settings, impl):
     name, config = STEP
 
     def make_step(impl):
-        model = video_model(impl, settings.device, name, **config, norm_pix_loss=True)
+        options = dict(norm_pix_loss=True, decoder_mask_ratio=decoder_mask_ratio(impl))
+        model = video_model(impl, settings.device, name, **config, **options)
         return training_step(model, model, settings, mask_ratio=RATIO)
 
     size = (config["num_frames"], config["img_size"], config["img_size"])

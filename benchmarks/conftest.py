@@ -13,7 +13,8 @@ Rows: ``reference`` and ``fastmae`` everywhere; the drop-ins' training steps als
 ``fastmae decoder_mask 0.5`` and ``0.75`` (the fused model with ``decoder_mask_ratio``); the
 image training step also has ``official`` (the reference with timm 0.3.2's explicit
 attention arithmetic instead of SDPA: what someone running facebookresearch/mae has) and,
-on a GPU or with ``--fastmae-compile-blocks``, ``reference+compile_blocks`` and ``fastmae+compile_blocks`` (:func:`fastmae.compile_blocks`).
+on a GPU or with ``--fastmae-compile-blocks``, ``reference+compile_blocks`` and
+``fastmae+compile_blocks`` (:func:`fastmae.compile_blocks`).
 
 Options: ``--fastmae-compile`` adds ``reference+compile`` and ``fastmae+compile`` rows to the op
 groups, ``--fastmae-compile all`` to the training steps too (compiling a whole ViT takes minutes);

@@ -61,7 +61,7 @@ PROFILES = {
     "h200": dict(bandwidth=4.3e12, peak={"bf16": 790e12, "fp32": 395e12}),
     "h100-sxm": dict(bandwidth=3.0e12, peak={"bf16": 700e12, "fp32": 350e12}),
 }
-DEFAULT_PROFILE = "h200"  # the GPU this project is lent
+DEFAULT_PROFILE = "h200"
 MATMUL_TYPES = ("GEMM", "attention")
 WEIGHT_CAST = "weight cast (once per step)"
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, one script for a lent GPU: the CUDA tests, the static kernel check, the
+# The GPU check, one script for a GPU: the CUDA tests, the static kernel check, the
 # benchmarks at GPU sizes with a results file, the plot and the accounting. Downloads nothing.
 #   benchmarks/gpu_check.sh OUTDIR
-# Each step has its own timeout; together they are at most 8 minutes (480 s), so that a run and
-# a rerun fit in a 15-minute device session with the machine's start. On a machine without a
+# Each step has its own timeout; together they are at most 8 minutes (480 s), so that a short
+# GPU session has room for a rerun. On a machine without a
 # GPU it runs the same steps on the CPU path (a dry run).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}

@@ -147,7 +147,7 @@ def test_machine_names_are_file_name_slugs():
 
 
 def test_gpu_check_fits_in_eight_minutes():
-    """A lent GPU has 15 minutes with its start: the check's own timeouts must leave a rerun."""
+    """The check's own timeouts add up to at most 8 minutes, so a short GPU session can rerun it."""
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     budget = re.search(r"^TESTS_S=.*$", script, re.M).group(0)
     steps = dict(item.split("=") for item in budget.split())

@@ -4,8 +4,8 @@ ops of ``fastmae.kernels``.
 :mod:`fastmae.functional` checks a call's inputs, then runs the op here. The models call these
 directly only inside a training step whose inputs they have already checked once; everything
 else goes through :mod:`fastmae.functional`. Shapes and dtypes are as documented there. Under
-``torch.func`` transforms (which custom ops do not support) each op runs its plain-torch
-reference instead.
+``torch.func`` transforms (which custom ops do not support) each op runs its plain-torch form
+in :mod:`fastmae.naive` instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from fastmae import reference
+from fastmae import naive
 from fastmae.dispatch import functorch_active, use_triton
 from fastmae.kernels.loss import masked_pixel_loss_op
 from fastmae.kernels.masking import masking_op
@@ -26,7 +26,7 @@ from fastmae.kernels.unshuffle import unshuffle_op
 
 def random_masking_indices(noise, len_keep: int):
     if functorch_active():
-        return reference.masking_indices(noise, len_keep)
+        return naive.masking_indices(noise, len_keep)
     # The mask has the default dtype, as the official torch.ones; the op has no gradient.
     mask_dtype = torch.get_default_dtype()
     return masking_op(noise.detach(), len_keep, mask_dtype, use_triton(noise))
@@ -34,7 +34,7 @@ def random_masking_indices(noise, len_keep: int):
 
 def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
     if functorch_active():
-        return reference.embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed)
+        return naive.embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed)
     triton_path = use_triton(imgs, weight, bias, cls_token, pos_embed)
     return embed_kept_patches_op(
         imgs, ids_keep.long(), weight, bias, cls_token, pos_embed, triton_path
@@ -43,7 +43,7 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, cls_token, pos_embed):
 
 def add_positions(tokens, ids_keep, cls_token, pos_embed):
     if functorch_active():
-        return reference.add_positions(tokens, ids_keep, cls_token, pos_embed)
+        return naive.add_positions(tokens, ids_keep, cls_token, pos_embed)
     width = tokens.shape[2]
     triton_path = use_triton(tokens, cls_token, pos_embed)
     cls_token = None if cls_token is None else cls_token.reshape(width)
@@ -57,8 +57,8 @@ def unshuffle_tokens(x, ids, mask_token, pos_embed, has_cls: bool = True, shuffl
     in shuffled order, x's tokens then mask tokens, each plus the position of its patch."""
     if functorch_active():
         if shuffled:
-            return reference.shuffled_tokens(x, ids, mask_token, pos_embed, has_cls)
-        return reference.unshuffle_tokens(x, ids, mask_token, pos_embed, has_cls)
+            return naive.shuffled_tokens(x, ids, mask_token, pos_embed, has_cls)
+        return naive.unshuffle_tokens(x, ids, mask_token, pos_embed, has_cls)
     width = x.shape[2]
     triton_path = use_triton(x, mask_token, pos_embed)
     mask_token, pos_embed = mask_token.reshape(width), pos_embed.reshape(-1, width)
@@ -82,13 +82,13 @@ def place_rows(rows, ids, length: int):
 
 def patchify(imgs, patch_size):
     if functorch_active():
-        return reference.patch_rows(imgs, patch_size)
+        return naive.patch_rows(imgs, patch_size)
     return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
 
 
 def unpatchify(x, patch_size, grid_size):
     if functorch_active():
-        return reference.unpatch_rows(x, patch_size, grid_size)
+        return naive.unpatch_rows(x, patch_size, grid_size)
     sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
     image_shape = [x.shape[0], x.shape[2] // math.prod(patch_size), *sizes]
     return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
@@ -98,7 +98,7 @@ def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None, 
     """MAE's loss; row r of pred predicts patch r, or patch ``pred_ids[n, r]`` (then the
     images get no gradient: pass them detached)."""
     if functorch_active():
-        return reference.masked_pixel_loss(
+        return naive.masked_pixel_loss(
             imgs, pred, mask, patch_size, norm_pix_loss, frames, pred_ids
         )
     # The mask's gradient needs every patch's MSE, so only then are all patches read.

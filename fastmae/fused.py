@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmae import _checks, _unchecked, functional, reference
+from fastmae import _checks, _unchecked, functional, naive
 from fastmae.base import masking_noise
 
 
@@ -35,10 +35,10 @@ class FusedSteps:
         total = _checks.len_decode(length, len_keep, ratio)
         decoded_ids = _unchecked.shuffle_order(ids_restore)[:, :total]
         rows = self._decoder(latent, decoded_ids, shuffled=True)
-        pred = reference.place_rows(rows, decoded_ids, length)
+        pred = naive.place_rows(rows, decoded_ids, length)
         if imgs.requires_grad and torch.is_grad_enabled():
             # The images' gradient through the targets: the loss over pred, weighted.
-            weights = reference.decoded_weights(ids_restore, len_keep, total)
+            weights = naive.decoded_weights(ids_restore, len_keep, total)
             return self._loss(imgs, pred, weights), pred, mask
         removed_ids = decoded_ids[:, len_keep:]
         weights = torch.ones(removed_ids.shape, dtype=mask.dtype, device=mask.device)

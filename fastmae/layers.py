@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmae import _checks, _unchecked
 from fastmae._checks import to_2tuple
 
 
@@ -31,8 +32,6 @@ def project_patches(conv, imgs, ids_keep=None, cls_token=None, pos_embed=None):
     """
     if ids_keep is None:
         return conv._conv_forward(imgs, conv.weight, conv.bias)
-    from fastmae import _checks, _unchecked  # they import this module
-
     _checks.check_dtype_matches(imgs, conv.weight)
     return _unchecked.embed_visible_patches(
         imgs, ids_keep, conv.weight, conv.bias, cls_token, pos_embed

@@ -71,7 +71,8 @@ class StepChecks:
     def _check_decoder_mask_ratio(self, decoder_mask_ratio) -> float:
         """A forward's ``decoder_mask_ratio`` (checked, in [0, 1)), or the model's own."""
         if decoder_mask_ratio is None:
-            return self.decoder_mask_ratio
+            # Models pickled before the option existed have no attribute: the official decoder.
+            return getattr(self, "decoder_mask_ratio", 0.0)
         return _checks.ratio_value(decoder_mask_ratio, "decoder_mask_ratio")
 
     def _check_decoder_inputs(self, x, ids_restore):

@@ -220,3 +220,29 @@ def test_training_with_decoder_masking_converges_like_the_full_decoder(fresh_see
         losses[ratio] = evaluate(model)
     assert losses[0.0] < 0.5 * start and losses[0.5] < 0.5 * start, (start, losses)
     assert losses[0.5] <= 1.1 * losses[0.0], losses
+
+
+def test_torch_compile_fullgraph_matches_the_oracle():
+    """The decoder-masked step compiles whole (the ops are custom ops with fake kernels; the
+    counts K and M are Python ints) and gives the oracle's loss, pred and gradients."""
+    oracle, fused, shape, mask_ratio = image_pair(decoder_mask_ratio=0.5)
+    imgs, noise = torch.randn(shape), torch.rand(shape[0], fused.patch_embed.num_patches)
+    compiled = torch.compile(fused, fullgraph=True)
+    loss, pred, _ = compiled(imgs, mask_ratio, noise)
+    (loss + 0.01 * pred.float().pow(2).sum()).backward()  # step()'s objective
+    expected = step(oracle, imgs, mask_ratio, noise, None)
+    assert_close(loss.detach(), expected[0])
+    assert_close(pred.detach(), expected[1])
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    assert_tensors_match(grads, expected[3])
+
+
+def test_models_pickled_before_the_option_run_the_official_decoder():
+    _, fused, shape, mask_ratio = image_pair()
+    del fused.decoder_mask_ratio  # as a model unpickled from before the attribute existed
+    imgs, noise = torch.randn(shape), torch.rand(shape[0], fused.patch_embed.num_patches)
+    with torch.no_grad():
+        loss, pred, _ = fused(imgs, mask_ratio, noise)
+        official = fused(imgs, mask_ratio, noise, decoder_mask_ratio=0)
+    assert torch.equal(loss, official[0]) and torch.equal(pred, official[1])
+    assert (pred != 0).all()

@@ -69,15 +69,8 @@ def shuffle_order(ids_restore):
     """ids_restore ``[N, L]`` (a permutation per row) -> its inverse ``ids_shuffle``: patch
     ``ids_shuffle[n, r]`` has rank r, the kept patches first. One scatter, no sort."""
     ranks = torch.arange(ids_restore.shape[1], device=ids_restore.device)
-    return torch.empty_like(ids_restore).scatter_(1, ids_restore, ranks.expand_as(ids_restore))
-
-
-def place_rows(rows, ids, length: int):
-    """rows ``[N, R, P]`` -> ``[N, length, P]`` with row r at ``ids[n, r]`` and zeros
-    elsewhere (the prediction of a decoder that saw only some positions). Differentiable."""
-    n, _, pixels = rows.shape
-    index = ids[..., None].expand(-1, -1, pixels)
-    return rows.new_zeros(n, length, pixels).scatter(1, index, rows)
+    # Out of place over ids_restore itself: a permutation overwrites every entry.
+    return ids_restore.scatter(1, ids_restore, ranks.expand_as(ids_restore))
 
 
 def patchify(imgs, patch_size):

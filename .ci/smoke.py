@@ -4,6 +4,7 @@ kernels in the interpreter, and the torch path), against the plain model or the 
 Hugging Face model. Exits non-zero on any difference."""
 
 import copy
+import functools
 import os
 import sys
 
@@ -17,6 +18,7 @@ import transformers  # noqa: E402  (imports Hugging Face's top-level `kernels`)
 
 import fastmae  # noqa: E402
 import fastmae.hf  # noqa: E402
+import fastmae.hf.reference  # noqa: E402
 import fastmae.video  # noqa: E402
 from fastmae import reference  # noqa: E402
 from fastmae.kernels import launch_counts, reset_launch_counts  # noqa: E402
@@ -55,10 +57,13 @@ def drop_in(fused_class, oracle_class, config, shape, **options):
     return fused, oracle, call
 
 
-def hf(config, model_class, inputs):
+def hf(config, model_class, inputs, decoder_mask_ratio=0.0, oracle_forward=None):
+    """With ``oracle_forward`` (one of fastmae.hf.reference's), the unpatched model runs it."""
     torch.manual_seed(0)
     oracle = model_class(config)
-    fused = fastmae.hf.apply_fastmae(copy.deepcopy(oracle))
+    fused = fastmae.hf.apply_fastmae(copy.deepcopy(oracle), decoder_mask_ratio)
+    if oracle_forward is not None:
+        oracle.forward = functools.partial(oracle_forward, oracle)
 
     def call(model):
         torch.manual_seed(1)
@@ -72,6 +77,12 @@ def families():
     clip = torch.randn(2, 4, 3, 16, 16)
     masked = torch.zeros(2, 32, dtype=torch.bool)
     masked[:, :24] = True
+    decoded = masked.clone()
+    decoded[:, 12:] = False
+    vitmae = transformers.ViTMAEConfig(image_size=16, patch_size=4, norm_pix_loss=True, **HF_SMALL)
+    videomae = transformers.VideoMAEConfig(
+        image_size=16, patch_size=4, num_frames=4, tubelet_size=2, norm_pix_loss=True, **HF_SMALL
+    )
     return {
         "image": drop_in(
             fastmae.MaskedAutoencoderViT,
@@ -93,17 +104,27 @@ def families():
             mask_ratio=0.5,
         ),
         "HF ViTMAE": hf(
-            transformers.ViTMAEConfig(image_size=16, patch_size=4, norm_pix_loss=True, **HF_SMALL),
+            vitmae, transformers.ViTMAEForPreTraining, dict(pixel_values=torch.randn(2, 3, 16, 16))
+        ),
+        "HF ViTMAE, decoder masking 0.5": hf(
+            vitmae,
             transformers.ViTMAEForPreTraining,
             dict(pixel_values=torch.randn(2, 3, 16, 16)),
+            decoder_mask_ratio=0.5,
+            oracle_forward=functools.partial(
+                fastmae.hf.reference.vitmae_pretraining, decoder_mask_ratio=0.5
+            ),
         ),
         "HF VideoMAE": hf(
-            transformers.VideoMAEConfig(
-                image_size=16, patch_size=4, num_frames=4, tubelet_size=2, norm_pix_loss=True,
-                **HF_SMALL,
-            ),
+            videomae,
             transformers.VideoMAEForPreTraining,
             dict(pixel_values=clip, bool_masked_pos=masked),
+        ),
+        "HF VideoMAE, decoder_mask": hf(
+            videomae,
+            transformers.VideoMAEForPreTraining,
+            dict(pixel_values=clip, bool_masked_pos=masked, decoder_mask=decoded),
+            oracle_forward=fastmae.hf.reference.videomae_pretraining,
         ),
     }  # fmt: skip
 
@@ -131,7 +152,7 @@ def main():
                 and gap <= 1e-5
                 and (launched > 0) == (backend == "triton")
             )
-            print(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend:6s} loss {loss.item():.6f} "
+            print(f"{'ok  ' if ok else 'FAIL'} {name:32s} {backend:6s} loss {loss.item():.6f} "
                   f"(reference {expected.item():.6f}), gradients' relative error {gap:.1e}, "
                   f"{launched} kernel launches")  # fmt: skip
             if not ok:

@@ -9,8 +9,8 @@
   the timed function ends with a synchronize, so the clock sees the GPU work.
 - With ``--benchmark-disable`` (CI's smoke run) each step runs once, baseline included.
 
-Rows: ``reference`` and ``fastmae`` everywhere; the drop-ins' training steps also have
-``fastmae decoder_mask 0.5`` and ``0.75`` (the fused model with ``decoder_mask_ratio``); the
+Rows: ``reference`` and ``fastmae`` everywhere; the training steps also have ``fastmae
+decoder_mask 0.5`` and ``0.75`` (the fused model with ``decoder_mask_ratio``); the
 image training step also has ``official`` (the reference with timm 0.3.2's explicit
 attention arithmetic instead of SDPA: what someone running facebookresearch/mae has) and,
 on a GPU or with ``--fastmae-compile-blocks``, ``reference+compile_blocks`` and
@@ -79,7 +79,12 @@ def pytest_addoption(parser):
 
 # The drop-ins' training-step rows with decoder masking on, and their ratios.
 DECODER_MASK_ROWS = {"fastmae decoder_mask 0.5": 0.5, "fastmae decoder_mask 0.75": 0.75}
-DECODER_MASKED_STEPS = ("test_train_step", "test_video_train_step")
+DECODER_MASKED_STEPS = (
+    "test_train_step",
+    "test_video_train_step",
+    "test_vitmae_train_step",
+    "test_videomae_train_step",
+)
 
 
 def decoder_mask_ratio(impl: str) -> float:

@@ -161,14 +161,16 @@ def videomae_config(**overrides):
 
 def videomae(impl: str, device, **overrides):
     """VideoMAEForPreTraining at the base configuration, unpatched for the reference, after
-    ``fastmae.hf.apply_fastmae`` for fastmae."""
+    ``fastmae.hf.apply_fastmae`` for fastmae (with the row's decoder mask ratio)."""
     import transformers
 
     from fastmae.hf import apply_fastmae
 
     torch.manual_seed(0)
     model = transformers.VideoMAEForPreTraining(videomae_config(**overrides)).to(device)
-    return apply_fastmae(model) if impl == "fastmae" else model
+    if impl.startswith("fastmae"):
+        return apply_fastmae(model, decoder_mask_ratio=decoder_mask_ratio(impl))
+    return model
 
 
 def videomae_inputs(config, settings, batch):

@@ -36,6 +36,13 @@ def to_2tuple(value, name: str) -> tuple[int, int]:
     return to_tuple(value, name, 2)
 
 
+def describe(value) -> str:
+    """What came, for an error message: a tensor's dtype, shape and device, or the type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)} on {value.device}"
+    return f"a {type(value).__name__}"
+
+
 def check_tensor(value, name: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -174,17 +181,20 @@ def check_clip(pixel_values, frames: int, channels: int, size: tuple[int, int]) 
         )
 
 
-def check_bool_masked_pos(bool_masked_pos, batch: int, length: int, device) -> None:
-    """bool_masked_pos must be a bool ``[batch, L]`` tensor on ``device``."""
-    check_tensor(bool_masked_pos, "bool_masked_pos")
+def check_bool_masked_pos(
+    bool_masked_pos, batch: int, length: int, device, name: str = "bool_masked_pos"
+) -> None:
+    """bool_masked_pos (or another mask, named ``name``) must be a bool ``[batch, L]`` tensor
+    on ``device``."""
+    check_tensor(bool_masked_pos, name)
     if bool_masked_pos.dtype != torch.bool:
-        raise TypeError(f"bool_masked_pos must be a bool tensor, got {bool_masked_pos.dtype}")
-    check_shape(bool_masked_pos, "bool_masked_pos", (batch, length))
+        raise TypeError(f"{name} must be a bool tensor, got {bool_masked_pos.dtype}")
+    check_shape(bool_masked_pos, name, (batch, length))
     if bool_masked_pos.device != device:
-        raise ValueError(f"bool_masked_pos is on {bool_masked_pos.device}, expected {device}")
+        raise ValueError(f"{name} is on {bool_masked_pos.device}, expected {device}")
 
 
-def masked_per_sample(bool_masked_pos) -> int:
+def masked_per_sample(bool_masked_pos, name: str = "bool_masked_pos") -> int:
     """The number of patches a checked ``bool_masked_pos [N, L]`` masks in each sample, which
     must be the same in every sample (Hugging Face VideoMAE's contract, which HF's reshape
     does not always enforce). Reads the counts on the host: one synchronisation, where HF's
@@ -195,7 +205,7 @@ def masked_per_sample(bool_masked_pos) -> int:
     fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
     if fewest != most:
         raise ValueError(
-            "bool_masked_pos must mask the same number of patches in every sample, got between "
+            f"{name} must mark the same number of patches in every sample, got between "
             f"{fewest} and {most}"
         )
     return most

@@ -29,20 +29,12 @@ class FusedSteps:
     def _decoder_masked_step(self, imgs, latent, mask, ids_restore, len_keep: int, ratio: float):
         """The decoder and loss under decoder masking: the decoder input in shuffled order (the
         kept tokens, then the mask tokens of the decoded removed patches, each plus its
-        position: attention does not depend on the order), no unshuffle; the loss reads the M
-        decoded rows and their target patches by id; pred gets every row in place."""
-        length = ids_restore.shape[1]
-        total = _checks.len_decode(length, len_keep, ratio)
+        position: attention does not depend on the order), no unshuffle; then
+        :func:`decoder_masked_loss`."""
+        total = _checks.len_decode(ids_restore.shape[1], len_keep, ratio)
         decoded_ids = _unchecked.shuffle_order(ids_restore)[:, :total]
         rows = self._decoder(latent, decoded_ids, shuffled=True)
-        pred = naive.place_rows(rows, decoded_ids, length)
-        if imgs.requires_grad and torch.is_grad_enabled():
-            # The images' gradient through the targets: the loss over pred, weighted.
-            weights = naive.decoded_weights(ids_restore, len_keep, total)
-            return self._loss(imgs, pred, weights), pred, mask
-        removed_ids = decoded_ids[:, len_keep:]
-        weights = torch.ones(removed_ids.shape, dtype=mask.dtype, device=mask.device)
-        loss = self._loss(imgs, rows[:, len_keep:], weights, pred_ids=removed_ids)
+        loss, pred = decoder_masked_loss(imgs, rows, decoded_ids, ids_restore, len_keep, self._loss)
         return loss, pred, mask
 
     # -- the official methods, for callers that use them one at a time: each checks its inputs.
@@ -78,3 +70,20 @@ def random_masking_with_ids(x, mask_ratio, noise=None):
     ids_keep, ids_restore, mask = functional.random_masking_indices(noise, len_keep)
     x_masked = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, width))
     return x_masked, mask, ids_restore, ids_keep
+
+
+def decoder_masked_loss(imgs, rows, decoded_ids, ids_restore, len_keep: int, loss):
+    """The loss and pred of a decoder that saw only the patches ``decoded_ids [N, K+M]`` (the K
+    kept ones, then the M decoded removed ones, in rank order) and predicted ``rows [N, K+M, P]``
+    for them (cls aside): -> ``(loss, pred [N, L, P])``, pred zero at the patches not decoded.
+
+    ``loss(imgs, pred, mask, pred_ids=None)`` is the model's unchecked loss. It reads the M
+    decoded rows and their target patches by id, or, where the images need a gradient (which
+    flows through the targets), the whole of pred weighted by the decoded removed patches."""
+    pred = naive.place_rows(rows, decoded_ids, ids_restore.shape[1])
+    if imgs.requires_grad and torch.is_grad_enabled():
+        weights = naive.decoded_weights(ids_restore, len_keep, decoded_ids.shape[1])
+        return loss(imgs, pred, weights), pred
+    removed_ids = decoded_ids[:, len_keep:]
+    weights = torch.ones(removed_ids.shape, dtype=torch.get_default_dtype(), device=rows.device)
+    return loss(imgs, rows[:, len_keep:], weights, pred_ids=removed_ids), pred

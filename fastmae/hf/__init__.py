@@ -15,6 +15,7 @@ HF's code. The weights, the state_dict and the outputs stay the model's.
 
 from __future__ import annotations
 
+from fastmae import _checks
 from fastmae.hf import _patching, videomae, vitmae
 
 # ViTMAE's fused methods under their names before fastmae.hf became a package: models patched
@@ -45,11 +46,20 @@ def _families(model_type):
     return [MODEL_TYPE_TO_FAMILY[model_type]]
 
 
-def apply_fastmae(model):
+def apply_fastmae(model, decoder_mask_ratio=0.0):
     """Put the fused ops into one supported model, in place; returns it.
 
     Dispatches on ``model.config.model_type``. Raises TypeError for a model of any other
     type or class, naming the supported ones.
+
+    ``decoder_mask_ratio`` in [0, 1) (a ``...ForPreTraining`` model only) turns on decoder
+    masking, which changes the objective: the decoder sees only part of the masked patches and
+    the loss averages over those. ViTMAE: the ``int((L - K) * (1 - ratio))`` removed patches of
+    lowest noise, as :func:`fastmae.reference.decoder_masking`; ``logits`` stay ``[N, L, P]``,
+    zero at the patches not decoded. VideoMAE: a uniform random subset of the masked tubelets
+    of that size, or those that ``forward``'s ``decoder_mask [N, L]`` marks (the same count in
+    every sample); ``logits`` are the decoded tubelets' rows ``[N, M, P]``. Calling again sets
+    the ratio anew (0 turns it off).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = MODEL_TYPE_TO_FAMILY.get(model_type)
@@ -59,7 +69,8 @@ def apply_fastmae(model):
             f"fastmae.hf.apply_fastmae supports {_supported()}; got {got} "
             f"(model_type {model_type!r})"
         )
-    _patching.install(model, family)
+    ratio = _checks.ratio_value(decoder_mask_ratio, "decoder_mask_ratio")
+    _patching.install(model, family, ratio)
     return model
 
 

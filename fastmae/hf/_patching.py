@@ -20,7 +20,9 @@ class ModelFamily:
     ``fused`` map ``(class, method name)`` to HF's method and fastmae's (``original`` also
     holds the patch embedding's ``__init__``, which class patching wraps); ``modules(model)``
     gives, for one model, the module of each patched class inside it; ``patch_embeddings`` is
-    the patch-embedding class, whose projection runs the fused kernel.
+    the patch-embedding class, whose projection runs the fused kernel; ``pretraining`` the
+    class with a decoder, which takes decoder masking unless ``decoder_masking_unsupported``
+    says why not.
     """
 
     model_type: str
@@ -29,21 +31,47 @@ class ModelFamily:
     fused: dict
     modules: Callable
     patch_embeddings: type
+    pretraining: type
+    decoder_masking_unsupported: str = ""
 
     def describe(self) -> str:
         names = ", ".join(cls.__name__ for cls in self.classes)
         return f"{self.model_type!r} ({names})"
 
 
-def present_signatures(family: ModelFamily) -> None:
+def present_signatures(family: ModelFamily, extra_keywords: dict | None = None) -> None:
     """A replaced method presents the original's signature: callers read it (Trainer's
-    columns; HF's tests ask whether forward takes output_attentions through its kwargs)."""
-    for key, fused in family.fused.items():
-        fused.__signature__ = inspect.signature(family.original[key])
+    columns; HF's tests ask whether forward takes output_attentions through its kwargs).
+    ``extra_keywords`` maps ``(class, method name)`` to the keyword-only arguments (default
+    None) that fastmae's version adds."""
+    extra_keywords = extra_keywords or {}
+    for (cls, name), fused in family.fused.items():
+        signature = inspect.signature(family.original[(cls, name)])
+        params = list(signature.parameters.values())
+        added = [
+            inspect.Parameter(keyword, inspect.Parameter.KEYWORD_ONLY, default=None)
+            for keyword in extra_keywords.get((cls, name), ())
+        ]
+        # Keyword-only arguments go before any **kwargs.
+        at = len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+        fused.__signature__ = signature.replace(parameters=params[:at] + added + params[at:])
 
 
-def install(model, family: ModelFamily) -> None:
-    """The fused methods on this model's modules, in place."""
+def install(model, family: ModelFamily, decoder_mask_ratio: float = 0.0) -> None:
+    """The fused methods on this model's modules, in place, and its decoder mask ratio (a
+    checked one), which the fused pretraining forward reads."""
+    if decoder_mask_ratio and not isinstance(model, family.pretraining):
+        raise ValueError(
+            f"decoder_mask_ratio needs a model with a decoder ({family.pretraining.__name__}), "
+            f"got {type(model).__name__} with decoder_mask_ratio={decoder_mask_ratio}"
+        )
+    if decoder_mask_ratio and family.decoder_masking_unsupported:
+        raise ValueError(
+            f"decoder_mask_ratio={decoder_mask_ratio} for {family.model_type!r} needs "
+            f"{family.decoder_masking_unsupported}"
+        )
+    if isinstance(model, family.pretraining):
+        model._fastmae_decoder_mask_ratio = decoder_mask_ratio
     modules = family.modules(model)
     for (cls, name), fused in family.fused.items():
         if cls in modules:

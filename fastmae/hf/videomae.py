@@ -145,34 +145,88 @@ def _embeddings_forward(self, pixel_values, bool_masked_pos):
     return self.patch_embeddings(pixel_values, ids_keep=ids_keep, pos_embed=positions)
 
 
-def _pretraining_forward(self, pixel_values, bool_masked_pos=None, **kwargs):
+def _decoder_mask(self, pixel_values, bool_masked_pos, masked: int, decoder_mask, noise):
+    """The checked ``decoder_mask [N, L]`` (bool, a subset of the masked tubelets, the same
+    count in every sample) and its count M; where the caller gave none, the
+    ``int(masked * (1 - ratio))`` masked tubelets of lowest ``noise [N, L]``: a uniform random
+    subset."""
+    if decoder_mask is None:
+        decoded = int(masked * (1 - decoder_mask_ratio(self)))
+        ranks = noise.masked_fill(~bool_masked_pos, 2.0).argsort(dim=1)[:, :decoded]
+        chosen = torch.zeros_like(bool_masked_pos).scatter(1, ranks, True)
+        return chosen, decoded
+    batch, length = bool_masked_pos.shape
+    _checks.check_bool_masked_pos(decoder_mask, batch, length, pixel_values.device, "decoder_mask")
+    if (decoder_mask & ~bool_masked_pos).any():
+        raise ValueError(
+            "decoder_mask must mark only masked tubelets (True in bool_masked_pos), got "
+            f"{int((decoder_mask & ~bool_masked_pos).sum())} visible ones marked"
+        )
+    return decoder_mask, _checks.masked_per_sample(decoder_mask, "decoder_mask")
+
+
+def decoder_mask_ratio(model) -> float:
+    """The decoder mask ratio :func:`fastmae.hf.apply_fastmae` gave this model (0: none)."""
+    return getattr(model, "_fastmae_decoder_mask_ratio", 0.0)
+
+
+def _pretraining_forward(self, pixel_values, bool_masked_pos=None, *, decoder_mask=None, **kwargs):
     """``VideoMAEForPreTraining.forward``: HF's encoder call (its embeddings fused by their
-    own patch), the fused decoder input, HF's decoder, the fused loss."""
+    own patch), the fused decoder input, HF's decoder, the fused loss.
+
+    Decoder masking (``decoder_mask [N, L]``, or the model's decoder mask ratio): the decoder
+    sees the visible tubelets and the decoded masked ones only, and the logits ``[N, M, P]``
+    and loss are those of the M decoded tubelets, in increasing order."""
     embeddings, config = self.videomae.embeddings, self.config
+    decoding = decoder_mask is not None or decoder_mask_ratio(self) > 0
+    # The decoded subset's draw comes first, before the encoder's.
+    noise = None
+    if decoding and decoder_mask is None and isinstance(bool_masked_pos, torch.Tensor):
+        noise = torch.rand(bool_masked_pos.shape, device=bool_masked_pos.device)
     masked = None
     if config.norm_pix_loss or config.num_channels == 3:  # else HF refuses to make labels
         masked = _masked_per_sample(embeddings, pixel_values, bool_masked_pos)
     original = _original(hf_videomae.VideoMAEForPreTraining, "forward")
     legacy_return_dict = kwargs.pop("return_dict", None) if _TAKES_RETURN_DICT else None
     if not masked:  # not fusable, or nothing masked (HF's decoder then returns every token)
+        if decoding:
+            raise ValueError(
+                "decoder masking (decoder_mask or decoder_mask_ratio) needs a call the fused "
+                "path takes: a bool_masked_pos [N, L] that masks some tubelets, and a clip of "
+                "the config's shape in the model's dtype, with labels HF can make; got "
+                f"pixel_values {_checks.describe(pixel_values)}, bool_masked_pos "
+                f"{_checks.describe(bool_masked_pos)}"
+            )
         if legacy_return_dict is not None:
             kwargs["return_dict"] = legacy_return_dict
         return original(self, pixel_values, bool_masked_pos, **kwargs)
+    visible = embeddings.num_patches - masked
+    decoded = masked
+    order_key = bool_masked_pos.to(torch.int8)  # visible first, then masked
+    if decoding:
+        decoder_mask, decoded = _decoder_mask(
+            self, pixel_values, bool_masked_pos, masked, decoder_mask, noise
+        )
+        order_key = order_key * 2 - decoder_mask.to(torch.int8)  # then decoded, then the rest
     if _TAKES_RETURN_DICT:
         kwargs["return_dict"] = True
     outputs = self.videomae(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
     tokens = self.encoder_to_decoder(outputs.last_hidden_state)
-    ids_shuffle = _visible_then_masked(bool_masked_pos)
+    # Each sample's visible tubelets, then its decoded masked ones, each in increasing order
+    # (the order of HF's x[~mask] and x[mask]).
+    ids_shuffle = torch.argsort(order_key, dim=1, stable=True)[:, : visible + decoded]
     # HF adds the fixed decoder table in the clip's dtype.
     positions = self.position_embeddings.to(device=pixel_values.device, dtype=pixel_values.dtype)
     decoder_input = _unchecked.unshuffle_tokens(
         tokens, ids_shuffle, self.mask_token, positions, has_cls=False, shuffled=True
     )
-    logits = self.decoder(decoder_input, masked).logits
+    # HF's decoder returns its last `return_token_num` rows, every row for 0.
+    logits = self.decoder(decoder_input, decoded or decoder_input.shape[1]).logits
+    logits = logits[:, logits.shape[1] - decoded :]
     loss = _unchecked.masked_pixel_loss_by_ids(
         pixel_values.permute(0, 2, 1, 3, 4),  # [N, C, T, H, W], a view
         logits,
-        ids_shuffle[:, embeddings.num_patches - masked :],
+        ids_shuffle[:, visible:],
         (config.tubelet_size, config.patch_size, config.patch_size),
         "channel" if config.norm_pix_loss else "none",
         _labels_unnormalisation(config, pixel_values),
@@ -217,5 +271,8 @@ FAMILY = _patching.ModelFamily(
     },
     modules=_modules,
     patch_embeddings=hf_videomae.VideoMAEPatchEmbeddings,
+    pretraining=hf_videomae.VideoMAEForPreTraining,
 )
-_patching.present_signatures(FAMILY)
+_patching.present_signatures(
+    FAMILY, extra_keywords={(hf_videomae.VideoMAEForPreTraining, "forward"): ("decoder_mask",)}
+)

@@ -29,11 +29,12 @@ features the installed version has, not by its version string.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
-from fastmae import _checks, _unchecked
+from fastmae import _checks, _unchecked, fused
 from fastmae.hf import _patching
 
 try:
@@ -132,8 +133,18 @@ def _patch_embeddings_forward(
     return _patching.project(self, pixel_values, ids_keep, cls_token, pos_embed)
 
 
-def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
-    """``ViTMAEDecoder.forward``: the fused unshuffle, then HF's layers, norm and prediction."""
+def _decoder_forward(self, hidden_states, ids_restore, *args, decoded_ids=None, **kwargs):
+    """``ViTMAEDecoder.forward``: the fused unshuffle, then HF's layers, norm and prediction.
+
+    With ``decoded_ids [N, K+M]`` (decoder masking, from the pretraining forward): the decoder
+    sees the cls token and the patches ``decoded_ids`` only, the K kept ones then M mask tokens,
+    in that order, and its logits are their rows ``[N, K+M, P]``."""
+    if decoded_ids is not None:
+        x = self.decoder_embed(hidden_states)
+        x = _unchecked.unshuffle_tokens(
+            x, decoded_ids, self.mask_token, self.decoder_pos_embed, shuffled=True
+        )
+        return _decoder_layers(self, x)
     width, length = self.decoder_embed.in_features, self.decoder_pos_embed.shape[1] - 1
     fusable = (
         not args
@@ -149,6 +160,11 @@ def _decoder_forward(self, hidden_states, ids_restore, *args, **kwargs):
     x = _unchecked.unshuffle_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed)
     if _DECODER_COLLECTS_OUTPUTS:
         return _decoder_layers_collecting(self, x, **kwargs)
+    return _decoder_layers(self, x)
+
+
+def _decoder_layers(self, x):
+    """The rest of a 5.x decoder forward: HF's layers, norm and prediction, cls row dropped."""
     for layer in self.decoder_layers:
         x = layer(x)
         x = x[0] if isinstance(x, tuple) else x
@@ -193,8 +209,14 @@ def _fused_loss(self, pixel_values, pred, mask):
     )
     if not fusable:
         return None
+    return _unchecked_loss(self, pixel_values, pred, mask)
+
+
+def _unchecked_loss(self, pixel_values, pred, mask, pred_ids=None):
+    """The fused loss on checked inputs (see :func:`fastmae._unchecked.masked_pixel_loss`)."""
+    patch = self.config.patch_size
     return _unchecked.masked_pixel_loss(
-        pixel_values, pred, mask, (patch, patch), config.norm_pix_loss
+        pixel_values, pred, mask, (patch, patch), self.config.norm_pix_loss, pred_ids=pred_ids
     )
 
 
@@ -208,13 +230,28 @@ def _forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding=False
     return original(self, pixel_values, pred, mask, **extra)
 
 
+def decoder_mask_ratio(model) -> float:
+    """The decoder mask ratio :func:`fastmae.hf.apply_fastmae` gave this model (0: none)."""
+    return getattr(model, "_fastmae_decoder_mask_ratio", 0.0)
+
+
 def _pretraining_forward(
     self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None, **kw
 ):
     """5.x ``ViTMAEForPreTraining.forward`` (its loss is inline): HF's encoder and decoder
-    calls (both fused by their own patches) and the fused loss."""
+    calls (both fused by their own patches) and the fused loss; with a decoder mask ratio, the
+    decoder sees only the patches :func:`fastmae.reference.decoder_masking` names."""
     embeddings = self.vit.embeddings
+    ratio = decoder_mask_ratio(self)
     if interpolate_pos_encoding or not _fusable_images(embeddings, pixel_values):
+        if ratio:
+            raise ValueError(
+                f"decoder_mask_ratio {ratio} needs pixel_values as the fused path takes them "
+                "(floating [N, C, H, W] of the config's channels and image size, in the "
+                "model's dtype) and no interpolate_pos_encoding; got "
+                f"{_checks.describe(pixel_values)} with interpolate_pos_encoding="
+                f"{interpolate_pos_encoding}"
+            )
         original = _original(hf_vitmae.ViTMAEForPreTraining, "forward")
         return original(
             self,
@@ -231,10 +268,21 @@ def _pretraining_forward(
         attention_mask=attention_mask,
         **kw,
     )
-    mask, ids_restore = outputs.mask, outputs.ids_restore
-    logits = self.decoder(outputs.last_hidden_state, ids_restore).logits
+    latent, mask, ids_restore = outputs.last_hidden_state, outputs.mask, outputs.ids_restore
+    if ratio:
+        len_keep = latent.shape[1] - 1
+        total = _checks.len_decode(ids_restore.shape[1], len_keep, ratio)
+        decoded_ids = _unchecked.shuffle_order(ids_restore)[:, :total]
+        rows = self.decoder(latent, ids_restore, decoded_ids=decoded_ids).logits
+        loss_fn = functools.partial(_unchecked_loss, self)
+        loss, logits = fused.decoder_masked_loss(
+            pixel_values, rows, decoded_ids, ids_restore, len_keep, loss_fn
+        )
+    else:
+        logits = self.decoder(latent, ids_restore).logits
+        loss = _fused_loss(self, pixel_values, logits, mask)
     return hf_vitmae.ViTMAEForPreTrainingOutput(
-        loss=_fused_loss(self, pixel_values, logits, mask),
+        loss=loss,
         logits=logits,
         mask=mask,
         ids_restore=ids_restore,
@@ -273,5 +321,12 @@ FAMILY = _patching.ModelFamily(
     },
     modules=_modules,
     patch_embeddings=hf_vitmae.ViTMAEPatchEmbeddings,
+    pretraining=hf_vitmae.ViTMAEForPreTraining,
+    decoder_masking_unsupported=(
+        "transformers 5 or newer (4.x computes the loss in forward_loss, which does not see "
+        "which patches the decoder saw)"
+        if _LOSS_METHOD
+        else ""
+    ),
 )
 _patching.present_signatures(FAMILY)

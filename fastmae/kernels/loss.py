@@ -440,7 +440,9 @@ def _read_rows(targets, weight, rows_per_sample, pixels, all_patches):
     target = patches.view(-1, pixels).index_select(0, patch_rows).to(weight.dtype)
     if targets.unnormalise is not None:
         std, mean = targets.unnormalise.to(weight.dtype)
-        target = (target.view(len(rows), -1, video.shape[1]) * std + mean).view(-1, pixels)
+        channels = video.shape[1]
+        target = target.view(len(rows), pixels // channels, channels) * std + mean
+        target = target.view(-1, pixels)
     return rows, target
 
 

@@ -3,13 +3,16 @@
     python -m benchmarks.account [--models mae_vit_base_patch16,video.mae_vit_large_patch16,
                                            hf.videomae]
                                  [--batch 8] [--dtype bf16|fp32] [--profile h200|h100-sxm]
+                                 [--decoder-mask-ratio 0.5]
     python -m benchmarks.account --memory [--ranks 8]
 
 A ``video.`` model is mae_st's, at its default clip (16 frames, tubelets of 2, 224 px) and
 mask ratio 0.9; image models run at mask ratio 0.75. ``hf.videomae`` is Hugging Face's
 ``VideoMAEForPreTraining`` at its base configuration (16 frames of 224 px, tubelets of 2,
 ViT-B) with 90% tube masking: the reference is the unpatched model, fastmae the same model
-after ``fastmae.hf.apply_fastmae``.
+after ``fastmae.hf.apply_fastmae``. ``--decoder-mask-ratio`` builds fastmae's model with decoder
+masking (``decoder_mask_ratio``; for ``hf.videomae``, ``apply_fastmae``'s): the reference stays
+the official model, so the step's ratio is what a user who turns it on sees.
 
 One forward+backward per model runs on the CPU under a ``TorchDispatchMode`` that sees every
 op. Each eager op is counted at the bytes it reads and writes (views are free; a broadcast
@@ -418,7 +421,14 @@ def per_image_table(title, rows, header) -> str:
     return "\n".join(lines)
 
 
-def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name: str) -> str:
+def report(
+    model_name: str,
+    tallies: dict,
+    batch: int,
+    dtype: str,
+    profile_name: str,
+    decoder_mask_ratio: float = 0.0,
+) -> str:
     ref, fused = tallies["reference"], tallies["fastmae"]
     profile = PROFILES[profile_name]
 
@@ -426,7 +436,11 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
         return sum(v for (r, _), v in table.items() if r == region)
 
     unit = "clip" if model_name.startswith(("video.", HF_VIDEOMAE)) else "image"
-    out = [f"### {model_name}, batch {batch}, {dtype}: per {unit} (reference -> fastmae)", ""]
+    fastmae_label = "fastmae"
+    if decoder_mask_ratio:
+        fastmae_label += f" with decoder_mask_ratio {decoder_mask_ratio}"
+    out = [f"### {model_name}, batch {batch}, {dtype}: per {unit} (reference -> {fastmae_label})"]
+    out.append("")
     rows = [
         [region, mb(ref.saved[region] / batch), mb(fused.saved[region] / batch)]
         + [ratio(fused.saved[region], ref.saved[region])]
@@ -520,10 +534,11 @@ def report(model_name: str, tallies: dict, batch: int, dtype: str, profile_name:
     return "\n".join(out)
 
 
-def build(impl: str, model_name: str, **kwargs):
+def build(impl: str, model_name: str, decoder_mask_ratio: float = 0.0, **kwargs):
     """(model, mask ratio) for ``reference`` or ``fastmae``; ``video.<factory>`` names are
     mae_st's models at its default clip and ratio 0.9, ``hf.videomae`` HF's VideoMAE (see the
-    module docstring). ``kwargs`` go to the factory (the VideoMAE config)."""
+    module docstring). ``kwargs`` go to the factory (the VideoMAE config);
+    ``decoder_mask_ratio`` to fastmae's model only."""
     torch.manual_seed(0)
     if model_name == HF_VIDEOMAE:
         import transformers
@@ -532,8 +547,10 @@ def build(impl: str, model_name: str, **kwargs):
 
         model = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**kwargs))
         if impl == "fastmae":
-            apply_fastmae(model)
+            apply_fastmae(model, decoder_mask_ratio=decoder_mask_ratio)
         return model, VIDEOMAE_TUBE_MASK_RATIO
+    if impl == "fastmae":
+        kwargs["decoder_mask_ratio"] = decoder_mask_ratio
     if model_name.startswith("video."):
         module = fastmae.video if impl == "fastmae" else fastmae.video.reference
         factory = getattr(module, model_name.removeprefix("video."))
@@ -677,6 +694,12 @@ def main(argv=None) -> str:
         "--memory", action="store_true", help="print the memory table (saved activations, batch)"
     )
     parser.add_argument("--ranks", type=int, default=8, help="FSDP2 ranks for --memory")
+    parser.add_argument(
+        "--decoder-mask-ratio",
+        type=float,
+        default=0.0,
+        help="fastmae's model leaves this share of the removed patches out of the decoder",
+    )
     options = parser.parse_args(argv)
     if options.memory:
         table = memory_table(options.ranks)
@@ -695,12 +718,21 @@ def main(argv=None) -> str:
     for model_name in [m.strip() for m in options.models.split(",") if m.strip()]:
         tallies = {}
         for impl in ("reference", "fastmae"):
-            model, ratio = build(impl, model_name)
+            model, ratio = build(impl, model_name, options.decoder_mask_ratio)
             imgs = sample_batch(model, options.batch)
             profile = PROFILES[options.profile]
             with fastmae.use_backend("torch"):
                 tallies[impl] = account_step(model, imgs, options.dtype, profile, ratio)
-        sections.append(report(model_name, tallies, options.batch, options.dtype, options.profile))
+        sections.append(
+            report(
+                model_name,
+                tallies,
+                options.batch,
+                options.dtype,
+                options.profile,
+                options.decoder_mask_ratio,
+            )
+        )
     text = "\n\n".join(sections)
     print(text)
     return text

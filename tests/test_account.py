@@ -15,14 +15,16 @@ from tests.configs import TINY, TINY_CLIP, TINY_IMAGE, TINY_VIDEOMAE
 CONFIG = TINY_IMAGE
 
 
-def tallies():
+def tallies(decoder_mask_ratio=0.0):
+    """The reference's and fastmae's tallies (fastmae's with ``decoder_mask_ratio``)."""
     out = {}
     for name, cls in (
         ("reference", reference.MaskedAutoencoderViT),
         ("fastmae", fastmae.MaskedAutoencoderViT),
     ):
         torch.manual_seed(0)
-        model = cls(**CONFIG)
+        options = {"decoder_mask_ratio": decoder_mask_ratio} if name == "fastmae" else {}
+        model = cls(**CONFIG, **options)
         torch.manual_seed(1)
         imgs = torch.randn(4, 3, 8, 12)
         with fastmae.use_backend("torch"):
@@ -59,6 +61,25 @@ def test_accounting_is_deterministic_and_shows_the_fused_regions():
     text = account.report("tiny", first, 4, "fp32", account.DEFAULT_PROFILE)
     for title in ("Saved activations", "Traffic and FLOPs by region", "by op type", "Modelled"):
         assert title in text
+
+
+def test_decoder_masking_shrinks_the_decoder_in_proportion():
+    """24 patches, 6 kept, 18 removed; at 0.5 the decoder sees 1 + 6 + 9 of 25 rows: its
+    blocks' saved activations shrink in that proportion (each is a row-wise tensor), their
+    FLOPs between it and its square (attention), the encoder's stay."""
+    ref, fused = tallies(decoder_mask_ratio=0.5).values()
+    rows = (1 + 6 + 9) / (1 + 24)
+    assert fused.saved["decoder blocks"] == pytest.approx(rows * ref.saved["decoder blocks"])
+    assert fused.saved["encoder blocks"] == ref.saved["encoder blocks"]
+
+    def flops(tally, region):
+        return sum(v for (r, _), v in tally.flops.items() if r == region)
+
+    share = flops(fused, "decoder blocks") / flops(ref, "decoder blocks")
+    assert rows**2 < share < rows
+    assert flops(fused, "encoder blocks") == flops(ref, "encoder blocks")
+    text = account.report("tiny", {"reference": ref, "fastmae": fused}, 4, "fp32", "h200", 0.5)
+    assert "(reference -> fastmae with decoder_mask_ratio 0.5)" in text
 
 
 def test_loss_kernel_bytes_count_the_patches_read():

@@ -2,235 +2,242 @@
 
     python -m benchmarks.static_check [--markdown]
 
-Uses Triton's compiler and its bundled cuobjdump, at the block sizes the launchers choose for
-ViT-B/16 and ViT-L/16 (224 px, ratio 0.75, decoder 512), and prints per kernel: registers, local
-memory and stack (where spills go), shared memory, and the widths of the global loads and stores
-in the PTX (128 bits = 16-byte vectors). Arguments are specialised as Triton's launcher does at
-run time: pointers 16-byte aligned, integers that are multiples of 16 marked divisible.
+Compiles what real steps launch: one forward+backward of the image drop-in (ViT-B/16 and
+ViT-L/16 at 224 px), of mae_st's ViT-L on its default clip and of Hugging Face's VideoMAE-Base,
+in fp32 and under bf16 autocast (without transformer blocks, which launch no fastmae kernel),
+runs on the CPU in Triton's interpreter with every launch recorded: each distinct launch
+(kernel, argument dtypes, constexprs, block sizes, warps) is one row. A kernel argument added
+in a launcher is thus checked with no change here. Arguments are specialised as Triton's
+launcher does at run time: pointers 16-byte aligned where they were, integers that are
+multiples of 16 marked divisible, a 1 made a constant. Uses Triton's compiler and its bundled
+cuobjdump, and prints per row: registers, local memory and stack (where spills go), shared
+memory, and the widths of the global loads and stores in the PTX (128 bits = 16-byte vectors).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib
 import inspect
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastmae.config import NORM_PIX_EPS, image_step, video_step
-from fastmae.kernels import loss, masking, patch_embed, patchify, unshuffle
-from fastmae.kernels._triton import fused_kernel_names, kernel_name, row_tile_config
+import fastmae
+import fastmae.video
+from fastmae import functional
+from fastmae.config import (
+    VIDEO_CLIP,
+    VIDEO_MASK_RATIO,
+    VIDEOMAE_TUBE_MASK_RATIO,
+)
+from fastmae.dispatch import interpreting_bfloat16
+from fastmae.kernels._triton import (
+    PointerArg,
+    fused_kernel_names,
+    interpreting,
+    kernel_name,
+    record_launches,
+)
 
 ARCHS = (90, 80)
-MODELS = {
-    "ViT-B/16": image_step("mae_vit_base_patch16_dec512d8b"),
-    "ViT-L/16": image_step("mae_vit_large_patch16_dec512d8b"),
-}
-STEP = MODELS["ViT-B/16"]  # the sizes all ViT-x/16 models share
-IMG, PATCH, CHANS, DECODER = STEP.img_size, STEP.patch_size, STEP.in_chans, STEP.decoder_width
-LENGTH, KEEP, PIXELS = STEP.length, STEP.keep, STEP.pixels
+MODELS = {"ViT-B/16": "mae_vit_base_patch16", "ViT-L/16": "mae_vit_large_patch16"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# The sizes the recorded steps run at: a model's own (224 px, mae_st's default clip, HF
+# VideoMAE's base clip), or tiny ones that record the same kernels in a fraction of the time.
+FULL_SIZE = dict(image={}, video=dict(VIDEO_CLIP), hf={})
+TINY_SIZE = dict(
+    image=dict(img_size=32),
+    video=dict(img_size=32, num_frames=4, t_patch_size=2, pred_t_dim=2),
+    hf=dict(image_size=32, num_frames=4),
+)
 
 
-# The model's pred is the slice x[:, 1:] of the decoder output [N, 1+L, P]: read with strides.
-PRED_STRIDES = dict(stride_n=(LENGTH + 1) * PIXELS, stride_l=PIXELS, stride_p=1)
-# The video MAE's ViT-L default: 16 frames, tubelets of 2, ratio 0.9, 8 target frames (u' = 1).
-VIDEO = video_step("mae_vit_large_patch16")
-FRAMES, T_PATCH, PRED_T = VIDEO.num_frames, VIDEO.t_patch_size, VIDEO.pred_t_dim
-VIDEO_LENGTH, VIDEO_KEEP = VIDEO.length, VIDEO.keep
+def _train(model, inputs: tuple, dtype, **kwargs):
+    """Forward and backward of ``model(*inputs, **kwargs)``'s loss (its first output, or
+    ``.loss``), in fp32 or under bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(*inputs, **kwargs)
+    (out[0] if isinstance(out, tuple) else out.loss).backward()
 
 
-def video_strides(frames: int, channels_first: bool = True) -> dict:
-    """The strides of a ``[N, C, F, H, W]`` video of 224 px frames: contiguous, or (HF's
-    ``[N, F, C, H, W]`` clip read as a permuted view) with frames outside channels."""
-    frame = IMG * IMG
-    channel, step = (frames * frame, frame) if channels_first else (frame, CHANS * frame)
-    return dict(stride_n=CHANS * frames * frame, stride_c=channel, stride_f=step, stride_h=IMG)
+def _round_trip(model, imgs):
+    model.unpatchify(model.patchify(imgs)).sum().backward()
 
 
-def prefixed(strides: dict, prefix: str) -> dict:
-    return {f"{prefix}{name}": value for name, value in strides.items()}
+def _bf16_masking(length: int):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # the mask takes the default dtype
+    try:
+        functional.random_masking_indices(torch.rand(1, length).bfloat16(), length // 4)
+    finally:
+        torch.set_default_dtype(default)
 
 
-def ptr(dtype):
-    return ("ptr", dtype)
+def _image_steps(factory: str, sizes: dict):
+    """The drop-in's step, with and without norm_pix_loss and decoder masking, with the
+    images' gradient; its patchify and unpatchify; the masking of bf16 noise."""
+    for norm_pix, decoder_mask_ratio in ((False, 0.0), (True, 0.0), (True, 0.5)):
+        options = dict(norm_pix_loss=norm_pix, decoder_mask_ratio=decoder_mask_ratio)
+        model = getattr(fastmae, factory)(depth=0, decoder_depth=0, **options, **sizes)
+        size = model.patch_embed.img_size
+        for dtype in (torch.float32, torch.bfloat16):
+            imgs = torch.randn(1, 3, *size, requires_grad=norm_pix and not decoder_mask_ratio)
+            name = f"image {dtype}, norm_pix {norm_pix}, decoder masking {decoder_mask_ratio}"
+            yield name, functools.partial(_train, model, (imgs,), dtype)
+    imgs = torch.randn(1, 3, *size, requires_grad=True)
+    yield "patchify", functools.partial(_round_trip, model, imgs)
+    yield "masking bf16 noise", functools.partial(_bf16_masking, model.patch_embed.num_patches)
 
 
-def pointers(spec: str) -> dict:
-    """``"out=fp32 x=bf16"`` -> ``{"out_ptr": ("ptr", "fp32"), "x_ptr": ("ptr", "bf16")}``."""
-    return {f"{name}_ptr": ptr(dtype) for name, dtype in (p.split("=") for p in spec.split())}
-
-
-def spec(label, kernel, args: dict, constexprs: dict, config: dict):
-    """One kernel spec; ``config`` is the launcher's own, from its launch-config function."""
-    config = dict(config)
-    warps = config.pop("num_warps")
-    return label, kernel, args, {**constexprs, **config}, warps
-
-
-def kernel_specs(width: int):
-    """(label, kernel, args as name -> ('ptr', dtype) | int, constexprs, num_warps) at ViT sizes,
-    the block sizes and warps from the launchers' own configuration functions."""
-    image = dict(C=CHANS, F=1, H=IMG, grid_w=IMG // PATCH, **video_strides(1), stride_w=1)
-    video = {**image, "F": FRAMES, **video_strides(FRAMES)}
-    hf_clip = {**video, **video_strides(FRAMES, channels_first=False)}
-    sizes = dict(L=LENGTH, K=KEEP)
-    video_sizes = dict(L=VIDEO_LENGTH, K=VIDEO_KEEP)
-    specs = [
-        spec(
-            f"masking{'' if dtype == 'fp32' else ' (bf16 noise, mask)'}",
-            masking._masking_kernel,
-            {**pointers(f"ids_keep=i64 ids_restore=i64 mask={dtype} noise={dtype}"), **sizes},
-            {},
-            masking.launch_config(LENGTH),
-        )
-        for dtype in ("fp32", "bf16")
-    ]
-    for label, has_ids, channel_last, tokens, geometry, u in (
-        ("kept patches (c,i,j)", True, False, KEEP, image, 1),
-        ("patchify (i,j,c)", False, True, LENGTH, image, 1),
-        ("video kept tubelets (c,u,i,j)", True, False, VIDEO_KEEP, video, T_PATCH),
-        ("HF clip kept tubelets (c,u,i,j)", True, False, VIDEO_KEEP, hf_clip, T_PATCH),
-    ):
-        for to_image in (False, True):
-            flags = dict(HAS_IDS=has_ids, CHANNEL_LAST=channel_last, TO_IMAGE=to_image)
-            specs.append(
-                spec(
-                    f"{'scatter' if to_image else 'gather'} {label}",
-                    patchify._copy_patches_kernel,
-                    {**pointers("imgs=fp32 patches=fp32 ids=i64"), "T": tokens, **geometry},
-                    dict(U=u, PH=PATCH, PW=PATCH, **flags),
-                    patchify.launch_config(CHANS, (u, PATCH, PATCH)),
-                )
-            )
-    for prefix, cls, row_sizes in (("", 1, sizes), ("video ", 0, video_sizes)):
-        specs += [
-            spec(
-                f"{prefix}add positions (bf16 GEMM out)",
-                patch_embed._add_positions_kernel,
-                {
-                    **pointers("out=fp32 tokens=bf16 ids_keep=i64 cls=fp32 pos=fp32"),
-                    **row_sizes,
-                    "D": width,
-                },
-                {"CLS": cls},
-                row_tile_config(width),
-            ),
-            spec(
-                f"{prefix}unshuffle fwd (bf16 x)",
-                unshuffle._unshuffle_fwd_kernel,
-                {**pointers("out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32")}
-                | {**row_sizes, "D": DECODER, "num_positions": row_sizes["L"]},
-                {"CLS": cls, "SHUFFLED": False},
-                row_tile_config(DECODER),
-            ),
-            spec(
-                f"{prefix}unshuffle bwd",
-                unshuffle._unshuffle_bwd_kernel,
-                {
-                    **pointers("grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids=i64"),
-                    **row_sizes,
-                    "D": DECODER,
-                },
-                {"CLS": cls, "SHUFFLED": False},
-                row_tile_config(DECODER),
-            ),
-        ]
-    specs += [  # HF VideoMAE's decoder input: shuffled order, positions by ids
-        spec(
-            f"HF VideoMAE decoder input {direction}",
-            kernel,
-            {**pointers(pointer_spec), **video_sizes, "D": DECODER, **extra_sizes},
-            {"CLS": 0, "SHUFFLED": True},
-            row_tile_config(DECODER),
-        )
-        for direction, kernel, pointer_spec, extra_sizes in (
-            (
-                "fwd (bf16 x)",
-                unshuffle._unshuffle_fwd_kernel,
-                "out=fp32 x=bf16 ids=i64 mask_token=fp32 pos=fp32",
-                {"num_positions": VIDEO_LENGTH},
-            ),
-            (
-                "bwd",
-                unshuffle._unshuffle_bwd_kernel,
-                "grad_x=bf16 mask_token_partial=fp32 grad_out=fp32 ids=i64",
-                {},
-            ),
-        )
-    ]
-    image_loss = dict(C=CHANS, H=IMG, grid_w=IMG // PATCH, P=PIXELS)
-    pred_video_strides = dict(stride_n=VIDEO_LENGTH * PIXELS, stride_l=PIXELS, stride_p=1)
-    hf_pixels = T_PATCH * PIXELS  # HF VideoMAE predicts whole tubelets
-    hf_strides = dict(stride_n=VIDEO_LENGTH * hf_pixels, stride_l=hf_pixels, stride_p=1)
-    loss_cases = (  # label, rows R, video strides, pred strides, pixels, u, constexprs
-        ("loss", LENGTH, video_strides(1), PRED_STRIDES, PIXELS, 1, {}),
-        ("loss normpix", LENGTH, video_strides(1), PRED_STRIDES, PIXELS, 1, {"NORM": 1}),
-        (
-            "video loss normpix",
-            VIDEO_LENGTH,
-            video_strides(FRAMES),
-            pred_video_strides,
-            PIXELS,
-            1,
-            {"NORM": 1, "FRAME_TABLE": True},
-        ),
-        (
-            "HF VideoMAE loss normpix",
-            VIDEO_LENGTH - VIDEO_KEEP,
-            video_strides(FRAMES, channels_first=False),
-            hf_strides,
-            hf_pixels,
-            T_PATCH,
-            {"NORM": 2, "PRED_IDS": True, "UNNORMALISE": True},
-        ),
+def _video_steps(sizes: dict):
+    model = fastmae.video.mae_vit_large_patch16(
+        depth=0, decoder_depth=0, norm_pix_loss=True, **sizes
     )
-    for label, rows, strides, pred_strides, pixels, u, flags in loss_cases:
-        constexprs = dict(U=u, PH=PATCH, PW=PATCH, FRAME_TABLE=False, NORM=0)
-        constexprs.update(flags)
-        geometry = {**image_loss, "R": rows, "P": pixels, **prefixed(strides, "video_")}
-        geometry["video_stride_w"] = 1
-        forward_only = {key: constexprs.pop(key, False) for key in ("PRED_IDS", "UNNORMALISE")}
-        specs.append(
-            spec(
-                f"{label} fwd (bf16 pred)",
-                loss._masked_loss_fwd_kernel,
-                {
-                    **pointers("patch_loss=fp32 residual=fp32 patch_mse=fp32 mean=fp32 rstd=fp32"),
-                    **pointers("pred=bf16 imgs=fp32 mask=fp32 ids=i64 frames=i64"),
-                    **pointers("unnormalise=fp32"),
-                    **geometry,
-                    **pred_strides,
-                    "eps": ("fp32", NORM_PIX_EPS),
-                },
-                dict(ALL_PATCHES=False, **constexprs, **forward_only),
-                loss.launch_config(pixels),
-            )
+    embed = model.patch_embed
+    for dtype in (torch.float32, torch.bfloat16):
+        clip = torch.randn(1, 3, embed.frames, *embed.img_size)
+        step = functools.partial(_train, model, (clip,), dtype, mask_ratio=VIDEO_MASK_RATIO)
+        yield f"video {dtype}", step
+
+
+def _videomae_steps(sizes: dict):
+    """Hugging Face VideoMAE, patched, at its base configuration: HF's clip layout and loss."""
+    import transformers
+
+    from fastmae.hf import apply_fastmae
+
+    config = transformers.VideoMAEConfig(
+        num_hidden_layers=0, decoder_num_hidden_layers=0, norm_pix_loss=True, **sizes
+    )
+    model = apply_fastmae(transformers.VideoMAEForPreTraining(config))
+    size = config.image_size
+    spatial = (size // config.patch_size) ** 2
+    masked = torch.arange(spatial) < int(VIDEOMAE_TUBE_MASK_RATIO * spatial)
+    masked = masked.repeat(config.num_frames // config.tubelet_size)[None]
+    for dtype in (torch.float32, torch.bfloat16):
+        clip = torch.randn(1, config.num_frames, 3, size, size)
+        yield f"HF VideoMAE {dtype}", functools.partial(_train, model, (clip, masked), dtype)
+
+
+def recorded_launches(factory: str = "mae_vit_base_patch16", sizes: dict = FULL_SIZE):
+    """``[(step name, Launch)]``: every kernel launch of the steps a GPU runs (the image
+    drop-in ``factory``, mae_st's ViT-L, HF VideoMAE; fp32 and bf16 autocast; without
+    transformer blocks, which launch no fastmae kernel), recorded in Triton's interpreter on
+    the CPU, batch 1."""
+    if not interpreting():
+        raise RuntimeError(
+            "the static check records launches in Triton's interpreter: run it "
+            "with TRITON_INTERPRET=1 set before anything imports triton"
         )
-        if constexprs["NORM"] == 2:  # its backward is grad_pred alone: the NORM 0 kernel
-            continue
-        specs.append(
-            spec(
-                f"{label} bwd (bf16 pred)",
-                loss._masked_loss_bwd_kernel,
-                {
-                    **pointers("grad_pred=bf16 grad_imgs=fp32 scale=fp32 residual=fp32"),
-                    **pointers("mask=fp32 imgs=fp32 mean=fp32 rstd=fp32 frames=i64"),
-                    **geometry,
-                    "W": IMG,
-                },
-                dict(GRAD_IMGS=False, **constexprs),
-                loss.launch_config(pixels),
-            )
-        )
+    steps = [
+        *_image_steps(factory, sizes["image"]),
+        *_video_steps(sizes["video"]),
+        *_videomae_steps(sizes["hf"]),
+    ]
+    launches = []
+    torch.manual_seed(0)
+    with fastmae.use_backend("triton"), interpreting_bfloat16():
+        for name, step in steps:
+            with record_launches() as recorded:
+                step()
+            launches += [(name, launch) for launch in recorded]
+    return launches
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}[dtype]  # fmt: skip
+
+
+def _print_recorded_launches(factory: str, tiny: bool) -> None:
+    """The subprocess of :func:`recorded_specs`: its launches as JSON, ``[step, "module:kernel",
+    arguments]`` with a tensor as ``["ptr", dtype, aligned]``."""
+    rows = []
+    for step, launch in recorded_launches(factory, TINY_SIZE if tiny else FULL_SIZE):
+        arguments = {
+            name: ["ptr", _dtype_name(value.dtype), value.aligned]
+            if isinstance(value, PointerArg)
+            else value
+            for name, value in launch.arguments.items()
+        }
+        where = f"{launch.kernel.fn.__module__}:{kernel_name(launch.kernel)}"
+        rows.append([step, where, arguments])
+    print(json.dumps(rows))
+
+
+def launch_spec(step: str, kernel, arguments: dict):
+    """A recorded launch of the jit ``kernel`` as (label, kernel, args, constexprs, num_warps):
+    args map each runtime argument to ``("ptr", dtype, aligned)``, ``("fp32", value)`` or an
+    int; the label names the kernel, its flags, its bf16 tensors and the step that launched
+    it."""
+    arguments = dict(arguments)
+    warps = arguments.pop("num_warps", 4)
+    for option in LAUNCH_OPTIONS:
+        arguments.pop(option, None)
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    args, constexprs = {}, {}
+    for name, value in arguments.items():
+        if name in constexpr_names:
+            constexprs[name] = value
+        elif isinstance(value, list):
+            args[name] = tuple(value)
+        elif isinstance(value, float):
+            args[name] = ("fp32", value)
+        else:
+            args[name] = int(value)
+    flags = [
+        name if value is True else f"{name}={value}"
+        for name, value in constexprs.items()
+        if not name.startswith("BLOCK") and value is not False and name not in ("U", "PH", "PW")
+    ]
+    pointers = {name: value for name, value in args.items() if isinstance(value, tuple)}
+    bf16 = [name.removesuffix("_ptr") for name, value in pointers.items() if value[1] == "bf16"]
+    label = kernel_name(kernel).strip("_").removesuffix("_kernel")
+    label += f" {' '.join(flags)}" if flags else ""
+    label += f" (bf16 {', '.join(bf16)})" if bf16 else ""
+    return f"{label} [{step}]", kernel, args, constexprs, warps
+
+
+def recorded_specs(factory: str = "mae_vit_base_patch16", tiny: bool = False):
+    """One spec (see :func:`launch_spec`) per distinct launch (kernel, argument types and
+    specialisation, constexprs, warps) of :func:`recorded_launches`, in the order first seen;
+    every registered kernel must have one. The launches are recorded in a subprocess under
+    Triton's interpreter (where ``triton.jit`` makes interpreted functions, which do not
+    compile); the kernels are resolved here, where they are jit functions that do."""
+    command = [sys.executable, "-m", "benchmarks.static_check", "--record", factory]
+    command += ["--tiny"] if tiny else []
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"recording the launches failed:\n{result.stderr}")
+    specs, seen = [], set()
+    for step, where, arguments in json.loads(result.stdout):
+        module, name = where.split(":")
+        kernel = getattr(importlib.import_module(module), name)
+        label, kernel, args, constexprs, warps = launch_spec(step, kernel, arguments)
+        specialised = {
+            name: value if isinstance(value, tuple) else (value % 16 == 0, value == 1)
+            for name, value in args.items()
+        }
+        key = (name, str(sorted(specialised.items())), str(sorted(constexprs.items())), warps)
+        if key not in seen:
+            seen.add(key)
+            specs.append((label, kernel, args, constexprs, warps))
     covered = {kernel_name(spec[1]) for spec in specs}
     registered = fused_kernel_names()
-    assert covered == registered, f"kernels without a spec: {sorted(registered - covered)}"
+    assert covered == registered, f"kernels no step launched: {sorted(registered - covered)}"
     return specs
 
 
@@ -248,7 +255,8 @@ def compile_kernel(kernel, args, constexprs, num_warps, arch):
         value = args[name]
         if isinstance(value, tuple) and value[0] == "ptr":
             signature[name] = "*" + value[1]
-            divisible.add(index)
+            if value[2:3] != (False,):  # aligned, or not said
+                divisible.add(index)
         elif isinstance(value, tuple):
             signature[name] = value[0]
         elif value == 1:  # the launcher turns a 1 into a constant
@@ -308,8 +316,8 @@ def widest_access(ptx: str) -> dict:
 
 
 def rows():
-    for model, sizes in MODELS.items():
-        for label, kernel, args, constexprs, warps in kernel_specs(sizes.width):
+    for model, factory in MODELS.items():
+        for label, kernel, args, constexprs, warps in recorded_specs(factory):
             for arch in ARCHS:
                 compiled = compile_kernel(kernel, args, constexprs, warps, arch)
                 ptx = compiled.asm["ptx"]
@@ -333,7 +341,13 @@ def describe(widths: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    markdown = parser.parse_args().markdown
+    parser.add_argument("--record", metavar="FACTORY", help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.record:  # the subprocess of recorded_specs
+        _print_recorded_launches(options.record, options.tiny)
+        return
+    markdown = options.markdown
     header = [
         "model",
         "kernel",

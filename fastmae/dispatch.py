@@ -66,6 +66,22 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+_interpreted_bfloat16 = False
+
+
+@contextmanager
+def interpreting_bfloat16():
+    """Inside the block, bfloat16 tensors on the CPU run the kernels in Triton's interpreter
+    (recent ones handle bf16) instead of taking the torch path: the static GPU check records
+    the launches a GPU makes under bf16 autocast this way."""
+    global _interpreted_bfloat16
+    previous, _interpreted_bfloat16 = _interpreted_bfloat16, True
+    try:
+        yield
+    finally:
+        _interpreted_bfloat16 = previous
+
+
 def use_triton(*tensors) -> bool:
     """Whether the fused op on ``tensors`` (the first decides the device; None, an absent
     optional input, is skipped) runs Triton kernels."""
@@ -76,7 +92,7 @@ def use_triton(*tensors) -> bool:
         or (
             device.type == "cpu"
             and interpreting()
-            and all(t.dtype != torch.bfloat16 for t in tensors)
+            and (_interpreted_bfloat16 or all(t.dtype != torch.bfloat16 for t in tensors))
         )
     )
     if _backend == "torch" or any(t.dtype == torch.float64 for t in tensors):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import typing
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +48,7 @@ if not HAS_TRITON:
 IntList = typing.List[int]  # noqa: UP006
 
 _LAUNCHES: Counter = Counter()
+_RECORDINGS: list[list] = []  # the open record_launches() lists
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,48 @@ def kernel_name(kernel) -> str:
     return getattr(kernel, "fn", kernel).__name__
 
 
+@dataclass(frozen=True)
+class PointerArg:
+    """A tensor argument of a recorded launch: its dtype, and whether its address is 16-byte
+    aligned (Triton's launcher then specialises the pointer as divisible by 16)."""
+
+    dtype: torch.dtype
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded launch: the jit kernel, and each of its arguments by name (a
+    :class:`PointerArg` for a tensor, else the value), launch options included."""
+
+    kernel: object
+    arguments: dict
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's name."""
+    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's name (and
+    record it, inside :func:`record_launches`)."""
     kernel[grid](*args, **kwargs)
     _LAUNCHES[kernel_name(kernel)] += 1
+    if _RECORDINGS:
+        arguments = dict(zip(kernel.arg_names, args), **kwargs)
+        for name, value in arguments.items():
+            if isinstance(value, torch.Tensor):
+                arguments[name] = PointerArg(value.dtype, value.data_ptr() % 16 == 0)
+        for recording in _RECORDINGS:
+            recording.append(Launch(kernel, arguments))
+
+
+@contextmanager
+def record_launches():
+    """Collects every kernel launch inside the block as a :class:`Launch`, in order: the static
+    GPU check compiles what real steps launch."""
+    recording = []
+    _RECORDINGS.append(recording)
+    try:
+        yield recording
+    finally:
+        _RECORDINGS.remove(recording)
 
 
 def launch_counts() -> dict[str, int]:

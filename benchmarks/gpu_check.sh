@@ -11,7 +11,7 @@ mkdir -p "$out/results"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-# seconds per step; their sum is the script's bound (tests/test_benchmark_summary.py keeps it <= 480)
+# seconds per step; their sum is the script's bound (benchmarks/tests/test_summary.py keeps it <= 480)
 TESTS_S=150 STATIC_S=30 BENCH_S=240 PLOT_S=30 ACCOUNT_S=30
 python -c "import fastmae.kernels" 2>/dev/null ||
     python -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1

@@ -4,14 +4,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
-import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastmae  # noqa: E402
 from fastmae.kernels import HAS_TRITON, reset_launch_counts  # noqa: E402
+from tests.helpers import seed_for  # noqa: E402
 
 BACKENDS = (
     ["triton", "torch"] if HAS_TRITON and os.environ["TRITON_INTERPRET"] == "1" else ["torch"]
@@ -46,17 +45,10 @@ def uninitialised_memory_is_nan(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
-    """Every test seeds torch before it runs: by default from its own id, so each test draws
-    its own inputs and every run (CI's too) draws the same ones; ``FASTMAE_TEST_SEED=N`` sets
-    one seed for all, ``FASTMAE_TEST_SEED=random`` draws fresh ones. The seed is printed so a
-    failure can be replayed."""
-    chosen = os.environ.get("FASTMAE_TEST_SEED")
-    if chosen is None:
-        seed = zlib.crc32(request.node.nodeid.encode())
-    elif chosen == "random":
-        seed = random.randrange(2**31)
-    else:
-        seed = int(chosen)
+    """Every test seeds torch before it runs (see :func:`tests.helpers.seed_for`: from its
+    own id unless FASTMAE_TEST_SEED says otherwise); the seed is printed so a failure can be
+    replayed."""
+    seed = seed_for(request.node.nodeid)
     print(f"torch seed {seed} (replay with FASTMAE_TEST_SEED={seed})")
     torch.manual_seed(seed)
     return seed
@@ -68,3 +60,13 @@ def backend(request):
     with fastmae.use_backend(request.param):
         reset_launch_counts()
         yield request.param
+
+
+@pytest.fixture
+def any_backend():
+    """For a test whose code path the backend does not change (checks that fail before any
+    dispatch, Hugging Face's fallbacks, float64, torch.func): one run, on the Triton backend
+    where it can run, so that a kernel launched where none should be shows in the counts."""
+    with fastmae.use_backend(BACKENDS[0]):
+        reset_launch_counts()
+        yield BACKENDS[0]

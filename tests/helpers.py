@@ -1,6 +1,23 @@
 """Shared assertions and steps for the tests (their tiny models are in tests/configs.py)."""
 
+import os
+import random
+import zlib
+
 import torch
+
+
+def seed_for(key: str) -> int:
+    """The torch seed of a test (or of a module's shared run) named ``key``: by default
+    derived from the key, so every run draws the same inputs and each test its own;
+    ``FASTMAE_TEST_SEED=N`` sets one seed for all, ``FASTMAE_TEST_SEED=random`` draws fresh
+    ones."""
+    chosen = os.environ.get("FASTMAE_TEST_SEED")
+    if chosen is None:
+        return zlib.crc32(key.encode())
+    if chosen == "random":
+        return random.randrange(2**31)
+    return int(chosen)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -128,7 +128,7 @@ def test_encoder_model_alone(backend):
     assert ("_masking_kernel" in counts) == (backend == "triton")
 
 
-def test_interpolate_pos_encoding_falls_back_to_hf(backend):
+def test_interpolate_pos_encoding_falls_back_to_hf(any_backend):
     forward = transformers.ViTMAEForPreTraining.forward
     if "interpolate_pos_encoding" not in inspect.signature(forward).parameters:
         pytest.skip(f"transformers {transformers.__version__} cannot interpolate ViTMAE positions")
@@ -141,7 +141,7 @@ def test_interpolate_pos_encoding_falls_back_to_hf(backend):
     assert_same(got, expected, got_grads, expected_grads)
 
 
-def test_other_image_size_gives_hf_error(backend):
+def test_other_image_size_gives_hf_error(any_backend):
     _, fused = twins()
     with pytest.raises(ValueError, match="doesn't match model"):
         fused(torch.randn(1, 3, 40, 40))

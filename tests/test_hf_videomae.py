@@ -160,7 +160,7 @@ def test_encoder_model_alone(backend):
     assert torch.equal(got, hf(pixel_values).last_hidden_state)
 
 
-def test_unequal_mask_counts_raise_clearly(backend):
+def test_unequal_mask_counts_raise_clearly(any_backend):
     _, fused = twins()
     pixel_values, mask = clip_and_mask(fused.config, batch=2)
     mask[0, ~mask[0]] = True  # sample 0 masks every tubelet, sample 1 three quarters
@@ -169,7 +169,7 @@ def test_unequal_mask_counts_raise_clearly(backend):
         fused(pixel_values, bool_masked_pos=mask)
 
 
-def test_calls_the_fused_path_does_not_take_get_hf_behaviour(backend):
+def test_calls_the_fused_path_does_not_take_get_hf_behaviour(any_backend):
     hf, fused = twins()
     pixel_values, mask = clip_and_mask(hf.config, batch=2)
     reset_launch_counts()
@@ -191,7 +191,7 @@ def test_calls_the_fused_path_does_not_take_get_hf_behaviour(backend):
 
 
 @pytest.mark.parametrize("masked", ["none", "all"])
-def test_masks_of_nothing_or_everything_get_hf_behaviour(backend, masked):
+def test_masks_of_nothing_or_everything_get_hf_behaviour(any_backend, masked):
     """No masked tubelet (HF's decoder then returns every token) or no visible one: HF's own
     code for both models, so HF's error (transformers 5.x) or HF's result, NaN included
     (4.x), bit for bit."""

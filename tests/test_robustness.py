@@ -16,6 +16,7 @@ import fastmae
 from fastmae import functional, reference
 from fastmae.kernels import launch_counts, reset_launch_counts
 from tests.configs import TINY, TINY_IMAGE
+from tests.conftest import BACKENDS
 from tests.helpers import assert_close
 
 # -- 1. index values ---------------------------------------------------------------------------
@@ -33,7 +34,7 @@ def embed_args(n=2, width=6):
 
 
 @pytest.mark.parametrize("bad", [10**6, -1, 4, -9])
-def test_embed_refuses_ids_out_of_range(backend, bad):
+def test_embed_refuses_ids_out_of_range(any_backend, bad):
     imgs, *params = embed_args()
     ids_keep = torch.tensor([[0, 2], [3, bad]])
     with pytest.raises(
@@ -42,7 +43,7 @@ def test_embed_refuses_ids_out_of_range(backend, bad):
         functional.embed_visible_patches(imgs, ids_keep, *params)
 
 
-def test_embed_refuses_repeated_ids(backend):
+def test_embed_refuses_repeated_ids(any_backend):
     imgs, *params = embed_args(n=1)
     with pytest.raises(
         ValueError, match=r"ids_keep\[0\] holds 0 twice \(at columns 0 and 1\); .* distinct"
@@ -59,7 +60,7 @@ def unshuffle_args(n=1, length=4, keep=2, width=5):
 
 
 @pytest.mark.parametrize("bad", [-1, 4, 10**6, -7])
-def test_unshuffle_refuses_ids_out_of_range(backend, bad):
+def test_unshuffle_refuses_ids_out_of_range(any_backend, bad):
     x, token, pos = unshuffle_args()
     with pytest.raises(
         ValueError, match=rf"unshuffle_tokens: ids_restore\[0, 2\] = {bad} is outside \[0, 4\)"
@@ -67,7 +68,7 @@ def test_unshuffle_refuses_ids_out_of_range(backend, bad):
         functional.unshuffle_tokens(x, torch.tensor([[0, 1, bad, 3]]), token, pos)
 
 
-def test_unshuffle_refuses_a_non_permutation(backend):
+def test_unshuffle_refuses_a_non_permutation(any_backend):
     x, token, pos = unshuffle_args()
     with pytest.raises(ValueError, match=r"ids_restore\[0\] holds 0 twice \(at columns 0 and 1\)"):
         functional.unshuffle_tokens(x, torch.tensor([[0, 0, 1, 1]]), token, pos)
@@ -191,12 +192,16 @@ def test_repeated_ids_unchecked_do_not_crash(backend):
 
 # -- 2. the official methods on their own --------------------------------------------------------
 
-MODELS = [reference.MaskedAutoencoderViT, fastmae.MaskedAutoencoderViT]
+# The oracle runs on one backend (it has no fused ops), fastmae on each.
+MODELS = [(reference.MaskedAutoencoderViT, "torch")]
+MODELS += [(fastmae.MaskedAutoencoderViT, backend) for backend in BACKENDS]
 
 
-@pytest.fixture(params=MODELS, ids=["reference", "fastmae"])
-def model(request, backend):
-    return request.param(img_size=16, patch_size=4, in_chans=3, **TINY)  # L = 16
+@pytest.fixture(params=MODELS, ids=lambda case: f"{case[0].__module__}-{case[1]}")
+def model(request):
+    model_class, backend = request.param
+    with fastmae.use_backend(backend):
+        yield model_class(img_size=16, patch_size=4, in_chans=3, **TINY)  # L = 16
 
 
 @pytest.mark.parametrize("with_noise", [True, False], ids=["noise", "drawn"])
@@ -329,7 +334,7 @@ def test_nan_at_a_weight_zero_patch_does_not_reach_the_loss(backend):
 # -- 4. float64 --------------------------------------------------------------------------------
 
 
-def test_double_model_is_exact(backend):
+def test_double_model_is_exact(any_backend):
     ref = reference.MaskedAutoencoderViT(**TINY_IMAGE).double()
     fused = fastmae.MaskedAutoencoderViT(**TINY_IMAGE).double()
     fused.load_state_dict(ref.state_dict())
@@ -382,7 +387,7 @@ def gradcheck_cases():
 
 
 @pytest.mark.parametrize("name", list(gradcheck_cases()))
-def test_gradcheck_float64(backend, name):
+def test_gradcheck_float64(any_backend, name):
     fn, inputs = gradcheck_cases()[name]
     inputs = tuple(t.detach().clone().requires_grad_() for t in inputs)
     reset_launch_counts()

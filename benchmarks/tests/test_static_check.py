@@ -30,7 +30,7 @@ print(json.dumps([
 
 def test_recorded_specs_cover_every_kernel_and_argument():
     """Recorded in a subprocess without the interpreter, where the kernels are jit functions."""
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", RECORD],
         capture_output=True,

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import plot, summary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def row(group, impl, median, peak=None, cold=None, nbytes=None, ratios=None):

@@ -109,6 +109,8 @@ def masked_pixel_loss_by_ids(video, pred, pred_ids, patch_size, norm: str, unnor
     ``pred_ids[n, m]`` of the (strided) video ``[N, C, F, H, W]``, un-normalised by
     ``unnormalise`` ``[2, C]`` (std, mean) and normalised by ``norm`` (see
     ``fastmae.kernels.loss``). No gradient flows into the video."""
+    if functorch_active():
+        return naive.masked_pixel_loss_by_ids(video, pred, pred_ids, patch_size, norm, unnormalise)
     weight = torch.ones(pred.shape[:2], dtype=video.dtype, device=pred.device)
     triton_path = use_triton(video, pred)
     args = (pred_ids.long(), None, unnormalise, list(patch_size), norm, False, triton_path)

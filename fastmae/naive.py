@@ -150,3 +150,32 @@ def masked_pixel_loss(
     nonzero_sum = mask_sum != 0
     loss = (loss * mask).sum() / torch.where(nonzero_sum, mask_sum, torch.ones_like(mask_sum))
     return torch.where(nonzero_sum, loss, torch.zeros_like(loss))
+
+
+def masked_pixel_loss_by_ids(video, pred, pred_ids, patch_size, norm: str, unnormalise=None):
+    """Hugging Face VideoMAE's loss: the mean over ``pred [N, M, P]`` of ``(pred - target)^2``,
+    row m's target being tubelet ``pred_ids[n, m]`` of the video ``[N, C, F, H, W]`` (pixels
+    ``(u, i, j, c)``, HF's order too), un-normalised by ``unnormalise [2, C]`` (std, mean)
+    and normalised by ``norm``: "none"; "patch", each row by its mean and unbiased variance
+    (+ eps), as MAE; "channel", each channel of a row ``(x - mean) / (std + eps)`` with the
+    unbiased std, as VideoMAE. No gradient flows into the video; no row at all gives 0."""
+    target = patch_rows(video.detach(), patch_size)
+    target = torch.gather(target, 1, pred_ids[..., None].expand(-1, -1, target.shape[2]))
+    n, rows, pixels = target.shape
+    channels = video.shape[1]
+    by_channel = target.reshape(n, rows, pixels // channels, channels)
+    if unnormalise is not None:
+        std, mean = unnormalise.to(target.dtype)
+        by_channel = by_channel * std + mean
+    if norm == "channel":
+        mean = by_channel.mean(dim=2, keepdim=True)
+        std = by_channel.var(dim=2, unbiased=True, keepdim=True).sqrt()
+        by_channel = (by_channel - mean) / (std + NORM_PIX_EPS)
+    target = by_channel.reshape(n, rows, pixels)
+    if norm == "patch":
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+    if not target.numel():
+        return (pred * 0).sum()
+    return ((pred - target) ** 2).mean()

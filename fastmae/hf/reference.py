@@ -3,8 +3,10 @@ decoder masking, run on an unpatched model's own modules: the tests compare
 :func:`fastmae.hf.apply_fastmae`'s fused forwards with these.
 
 Each follows HF's own forward step by step (its encoder, its decoder's unshuffle and position
-add, its layers, norm and head, its targets) and then keeps only the decoded patches, with
-gathers and boolean indexing, as an implementation of decoder masking on top of HF would.
+add, its layers, norm and head) and then keeps only the decoded patches, with gathers and
+boolean indexing, as an implementation of decoder masking on top of HF would; the VideoMAE
+loss is :func:`fastmae.naive.masked_pixel_loss_by_ids`, HF's labels in plain torch. With
+every masked patch decoded both equal HF's own forwards (the tests check it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from transformers.models.videomae import modeling_videomae as hf_videomae
 from transformers.models.vit_mae import modeling_vit_mae as hf_vitmae
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from fastmae import naive
 
 
 def _mean_over(per_patch, weights):
@@ -68,33 +72,6 @@ def vitmae_pretraining(model, pixel_values, noise=None, decoder_mask_ratio: floa
     )
 
 
-def videomae_targets(config, pixel_values):
-    """HF VideoMAE's reconstruction targets ``[N, L, u*p*p*C]`` of a clip ``[N, T, C, H, W]``,
-    with no gradient: un-normalised by ImageNet's mean and std for 3 channels, each tubelet
-    ``(u, p, p)`` in HF's (time, height, width, channel) order, and with ``norm_pix_loss``
-    normalised per channel over its ``u*p*p`` values (unbiased std, + 1e-6)."""
-    with torch.no_grad():
-        frames = pixel_values
-        if config.num_channels == 3:
-            options = {"device": pixel_values.device, "dtype": pixel_values.dtype}
-            mean = torch.as_tensor(IMAGENET_DEFAULT_MEAN, **options)[None, None, :, None, None]
-            std = torch.as_tensor(IMAGENET_DEFAULT_STD, **options)[None, None, :, None, None]
-            frames = pixel_values * std + mean
-        batch, time, channels, height, width = frames.shape
-        tubelet, patch = config.tubelet_size, config.patch_size
-        frames = frames.view(
-            batch, time // tubelet, tubelet, channels, height // patch, patch, width // patch, patch
-        )
-        frames = frames.permute(0, 1, 4, 6, 2, 5, 7, 3)
-        length = time // tubelet * (height // patch) * (width // patch)
-        frames = frames.reshape(batch, length, tubelet * patch * patch, channels)
-        if config.norm_pix_loss:
-            mean = frames.mean(dim=-2, keepdim=True)
-            std = frames.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-            frames = (frames - mean) / (std + 1e-6)
-        return frames.reshape(batch, length, -1)
-
-
 def videomae_pretraining(model, pixel_values, bool_masked_pos, decoder_mask):
     """An unpatched ``VideoMAEForPreTraining`` with decoder masking: the decoder sees the
     visible tubelets and the masked ones ``decoder_mask [N, L]`` marks (VideoMAE V2's
@@ -113,9 +90,19 @@ def videomae_pretraining(model, pixel_values, bool_masked_pos, decoder_mask):
         x = layer(x)
         x = x[0] if isinstance(x, tuple) else x
     logits = model.decoder.head(model.decoder.norm(x[:, x.shape[1] - decoded :]))
-    targets = videomae_targets(model.config, pixel_values)
-    labels = targets[decoder_mask].reshape(batch, decoded, targets.shape[2])
-    per_tubelet = ((logits - labels) ** 2).mean(dim=-1)
-    return hf_videomae.VideoMAEForPreTrainingOutput(
-        loss=_mean_over(per_tubelet, torch.ones_like(per_tubelet)), logits=logits
+    config = model.config
+    # HF's labels: ImageNet un-normalisation for 3 channels, per-channel norm_pix_loss.
+    unnormalise = None
+    if config.num_channels == 3:
+        table = [IMAGENET_DEFAULT_STD, IMAGENET_DEFAULT_MEAN]
+        unnormalise = torch.tensor(table, dtype=pixel_values.dtype, device=pixel_values.device)
+    decoded_ids = torch.argsort((~decoder_mask).to(torch.int8), dim=1, stable=True)[:, :decoded]
+    loss = naive.masked_pixel_loss_by_ids(
+        pixel_values.permute(0, 2, 1, 3, 4),  # [N, C, T, H, W]
+        logits,
+        decoded_ids,
+        (config.tubelet_size, config.patch_size, config.patch_size),
+        "channel" if config.norm_pix_loss else "none",
+        unnormalise,
     )
+    return hf_videomae.VideoMAEForPreTrainingOutput(loss=loss, logits=logits)

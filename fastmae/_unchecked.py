@@ -74,17 +74,19 @@ def shuffle_order(ids_restore):
 
 
 def patchify(imgs, patch_size):
-    if functorch_active():
+    # Off the Triton path the plain reshape and permute is the op: one copy each way, as the
+    # kernel's, without a custom op's dispatch around it.
+    if functorch_active() or not use_triton(imgs):
         return naive.patch_rows(imgs, patch_size)
-    return gather_patches_op(imgs, None, list(patch_size), True, use_triton(imgs))
+    return gather_patches_op(imgs, None, list(patch_size), True, True)
 
 
 def unpatchify(x, patch_size, grid_size):
-    if functorch_active():
+    if functorch_active() or not use_triton(x):
         return naive.unpatch_rows(x, patch_size, grid_size)
     sizes = [grid * side for grid, side in zip(grid_size, patch_size)]
     image_shape = [x.shape[0], x.shape[2] // math.prod(patch_size), *sizes]
-    return scatter_patches_op(x, None, list(patch_size), image_shape, True, use_triton(x))
+    return scatter_patches_op(x, None, list(patch_size), image_shape, True, True)
 
 
 def masked_pixel_loss(imgs, pred, mask, patch_size, norm_pix_loss, frames=None, pred_ids=None):

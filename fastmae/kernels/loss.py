@@ -471,6 +471,8 @@ def _normalise_channels(target, channels):
 
 def _loss_forward_torch(targets, pred, weight, all_patches, state):
     """The torch path on the rows read only; fills the same state as the kernel."""
+    if targets.norm == "none" and targets.pred_ids is None:
+        return _loss_forward_every_row(targets, pred, weight, all_patches, state)
     residual, mean, rstd, patch_mse = state
     rows_per_sample, pixels = pred.shape[1], pred.shape[2]
     rows, target = _read_rows(targets, weight, rows_per_sample, pixels, all_patches)
@@ -493,6 +495,27 @@ def _loss_forward_torch(targets, pred, weight, all_patches, state):
         residual.index_fill_(0, torch.nonzero(weight == 0).squeeze(1), 0.0)
     residual.index_copy_(0, rows, diff.mul_(row_weight[:, None]))
     return torch.where(is_weighted, mse * row_weight, 0.0).sum()
+
+
+def _loss_forward_every_row(targets, pred, weight, all_patches, state):
+    """The torch path without normalisation, rows in patch order: every row at once, in
+    whole-tensor passes, where gathering the weighted rows (most of them, at MAE's ratios)
+    would cost more passes than the rows it skips; ``torch.where`` still keeps a weight-0
+    row, NaN included, out of the loss and the residual."""
+    residual, _, _, patch_mse = state
+    n, rows, pixels = pred.shape
+    video = targets.video
+    if targets.frames is not None:
+        video = video.index_select(2, targets.frames)
+    target = gather_patches(video, None, targets.patch_size, True, False).view(n, rows, pixels)
+    diff = torch.sub(pred, target)  # reads the strided pred in place
+    mse = torch.linalg.vector_norm(diff, dim=-1).square_().div_(pixels).view(-1)
+    is_weighted = weight != 0
+    if all_patches:
+        patch_mse.copy_(mse)
+    weighted = diff.view(-1, pixels).mul_(weight[:, None])
+    residual.copy_(torch.where(is_weighted[:, None], weighted, 0.0))
+    return torch.where(is_weighted, mse * weight, 0.0).sum()
 
 
 def _selected_shape(video_shape, length, patch_size):

@@ -8,6 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers share the cores
+    torch.set_num_threads(1)
+
 import fastmae  # noqa: E402
 from fastmae.kernels import HAS_TRITON, reset_launch_counts  # noqa: E402
 from tests.helpers import seed_for  # noqa: E402

@@ -20,6 +20,9 @@ from tests.clients import DECODER_MASKED_FAMILIES, FAMILIES, family_step, make_f
 from tests.helpers import assert_as_accurate, assert_tensors_match, seed_for
 from tests.multiprocess import fsdp2, run_on_ranks
 
+# Under pytest -n, one worker runs the module: its one spawn serves every test.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 CLIENT_FAMILIES = FAMILIES + DECODER_MASKED_FAMILIES
 
 WORLD_SIZE = 2

@@ -4,7 +4,8 @@ regional compilation. Every case's gathered gradients must equal the single-proc
 the same global batch (fp32 with 2 ranks averages exactly, up to rounding).
 
 Spawning the ranks and importing torch in them is most of a case's cost, so one spawn (a
-module fixture) runs every case of every family, and the tests check its results.
+module fixture) runs every case of every family, and the tests check its results (under
+``pytest -n`` with ``--dist loadfile`` one worker runs the module, so it spawns once).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from fastmae.blocks import transformer_blocks
 from tests.clients import DECODER_MASKED_FAMILIES, FAMILIES, family_step, make_family
 from tests.helpers import assert_as_accurate, assert_tensors_match, seed_for
 from tests.multiprocess import fsdp2, run_on_ranks
-
-# Under pytest -n, one worker runs the module: its one spawn serves every test.
-pytestmark = pytest.mark.xdist_group("distributed")
 
 CLIENT_FAMILIES = FAMILIES + DECODER_MASKED_FAMILIES
 

@@ -1,7 +1,11 @@
 """Shared assertions and steps for the tests (their tiny models are in tests/configs.py)."""
 
+import json
 import os
+import pathlib
 import random
+import subprocess
+import sys
 import zlib
 
 import torch
@@ -97,3 +101,20 @@ def run_step(model, imgs, ratio, seed):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, pred, mask, grads
+
+
+def run_without_interpreter(code: str):
+    """Runs ``code`` in a new Python at the checkout's root with Triton's interpreter off (this
+    process's kernels are the interpreter's, which do not compile for a GPU) and returns the
+    JSON of the last line it prints; fails the test with its stderr if it fails."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -3,17 +3,12 @@ steps' launches (in the interpreter, at tiny sizes here), cover every registered
 every argument, and include the bf16 launches of bf16 autocast (compiling is left to
 ``benchmarks/gpu_check.sh``: minutes on the CPU)."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
 
 from fastmae.kernels._triton import fused_kernel_names  # noqa: E402
+from tests.helpers import run_without_interpreter  # noqa: E402
 
 RECORD = """
 import json
@@ -30,17 +25,7 @@ print(json.dumps([
 
 def test_recorded_specs_cover_every_kernel_and_argument():
     """Recorded in a subprocess without the interpreter, where the kernels are jit functions."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", RECORD],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=dict(os.environ, TRITON_INTERPRET="0"),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    specs = json.loads(done.stdout.splitlines()[-1])
+    specs = run_without_interpreter(RECORD)
     assert {name for _, name, *_ in specs} == fused_kernel_names()
     for label, _, arg_names, args, constexprs, warps in specs:
         assert arg_names == sorted(args + constexprs), label

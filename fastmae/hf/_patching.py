@@ -81,6 +81,12 @@ def install(model, family: ModelFamily, decoder_mask_ratio: float = 0.0) -> None
     install_projection_forward(modules[family.patch_embeddings])
 
 
+def decoder_mask_ratio(model) -> float:
+    """The decoder mask ratio :func:`fastmae.hf.apply_fastmae` gave this model (0: none; a
+    model patched by class or pickled before the option has none)."""
+    return getattr(model, "_fastmae_decoder_mask_ratio", 0.0)
+
+
 def patch_classes(family: ModelFamily) -> None:
     """The fused methods on the classes, and the patch embedding's ``__init__`` wrapped so
     that each new one gets the projection's forward as :func:`install` sets it."""

@@ -96,10 +96,14 @@ def _masked_per_sample(embeddings, pixel_values, bool_masked_pos):
     return None if masked == patches.num_patches else masked  # nothing visible: HF's error
 
 
-def _visible_then_masked(bool_masked_pos):
-    """``ids_shuffle [N, L]``: each sample's visible tubelets, then its masked ones, each in
-    increasing order (the order of HF's ``x[~mask]`` and ``x[mask]``)."""
-    return torch.argsort(bool_masked_pos.to(torch.int8), dim=1, stable=True)
+def _visible_then_masked(bool_masked_pos, decoder_mask=None):
+    """``ids_shuffle [N, L]``: each sample's visible tubelets, then its masked ones (with
+    ``decoder_mask``, the decoded masked ones, then the others), each group in increasing
+    order (the order of HF's ``x[~mask]`` and ``x[mask]``)."""
+    key = bool_masked_pos.to(torch.int8)
+    if decoder_mask is not None:
+        key = key * 2 - decoder_mask.to(torch.int8)
+    return torch.argsort(key, dim=1, stable=True)
 
 
 def _compute_dtype(tensor, weight):
@@ -151,7 +155,7 @@ def _decoder_mask(self, pixel_values, bool_masked_pos, masked: int, decoder_mask
     ``int(masked * (1 - ratio))`` masked tubelets of lowest ``noise [N, L]``: a uniform random
     subset."""
     if decoder_mask is None:
-        decoded = int(masked * (1 - decoder_mask_ratio(self)))
+        decoded = int(masked * (1 - _patching.decoder_mask_ratio(self)))
         ranks = noise.masked_fill(~bool_masked_pos, 2.0).argsort(dim=1)[:, :decoded]
         chosen = torch.zeros_like(bool_masked_pos).scatter(1, ranks, True)
         return chosen, decoded
@@ -165,11 +169,6 @@ def _decoder_mask(self, pixel_values, bool_masked_pos, masked: int, decoder_mask
     return decoder_mask, _checks.masked_per_sample(decoder_mask, "decoder_mask")
 
 
-def decoder_mask_ratio(model) -> float:
-    """The decoder mask ratio :func:`fastmae.hf.apply_fastmae` gave this model (0: none)."""
-    return getattr(model, "_fastmae_decoder_mask_ratio", 0.0)
-
-
 def _pretraining_forward(self, pixel_values, bool_masked_pos=None, *, decoder_mask=None, **kwargs):
     """``VideoMAEForPreTraining.forward``: HF's encoder call (its embeddings fused by their
     own patch), the fused decoder input, HF's decoder, the fused loss.
@@ -178,7 +177,7 @@ def _pretraining_forward(self, pixel_values, bool_masked_pos=None, *, decoder_ma
     sees the visible tubelets and the decoded masked ones only, and the logits ``[N, M, P]``
     and loss are those of the M decoded tubelets, in increasing order."""
     embeddings, config = self.videomae.embeddings, self.config
-    decoding = decoder_mask is not None or decoder_mask_ratio(self) > 0
+    decoding = decoder_mask is not None or _patching.decoder_mask_ratio(self) > 0
     # The decoded subset's draw comes first, before the encoder's.
     noise = None
     if decoding and decoder_mask is None and isinstance(bool_masked_pos, torch.Tensor):
@@ -200,21 +199,16 @@ def _pretraining_forward(self, pixel_values, bool_masked_pos=None, *, decoder_ma
         if legacy_return_dict is not None:
             kwargs["return_dict"] = legacy_return_dict
         return original(self, pixel_values, bool_masked_pos, **kwargs)
-    visible = embeddings.num_patches - masked
-    decoded = masked
-    order_key = bool_masked_pos.to(torch.int8)  # visible first, then masked
+    visible, decoded = embeddings.num_patches - masked, masked
     if decoding:
         decoder_mask, decoded = _decoder_mask(
             self, pixel_values, bool_masked_pos, masked, decoder_mask, noise
         )
-        order_key = order_key * 2 - decoder_mask.to(torch.int8)  # then decoded, then the rest
     if _TAKES_RETURN_DICT:
         kwargs["return_dict"] = True
     outputs = self.videomae(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
     tokens = self.encoder_to_decoder(outputs.last_hidden_state)
-    # Each sample's visible tubelets, then its decoded masked ones, each in increasing order
-    # (the order of HF's x[~mask] and x[mask]).
-    ids_shuffle = torch.argsort(order_key, dim=1, stable=True)[:, : visible + decoded]
+    ids_shuffle = _visible_then_masked(bool_masked_pos, decoder_mask)[:, : visible + decoded]
     # HF adds the fixed decoder table in the clip's dtype.
     positions = self.position_embeddings.to(device=pixel_values.device, dtype=pixel_values.dtype)
     decoder_input = _unchecked.unshuffle_tokens(

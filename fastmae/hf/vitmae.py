@@ -230,11 +230,6 @@ def _forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding=False
     return original(self, pixel_values, pred, mask, **extra)
 
 
-def decoder_mask_ratio(model) -> float:
-    """The decoder mask ratio :func:`fastmae.hf.apply_fastmae` gave this model (0: none)."""
-    return getattr(model, "_fastmae_decoder_mask_ratio", 0.0)
-
-
 def _pretraining_forward(
     self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None, **kw
 ):
@@ -242,7 +237,7 @@ def _pretraining_forward(
     calls (both fused by their own patches) and the fused loss; with a decoder mask ratio, the
     decoder sees only the patches :func:`fastmae.reference.decoder_masking` names."""
     embeddings = self.vit.embeddings
-    ratio = decoder_mask_ratio(self)
+    ratio = _patching.decoder_mask_ratio(self)
     if interpolate_pos_encoding or not _fusable_images(embeddings, pixel_values):
         if ratio:
             raise ValueError(

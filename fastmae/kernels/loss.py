@@ -47,7 +47,7 @@ from ._triton import (
     triton,
     warps_for,
 )
-from .patchify import as_video, gather_patches, scatter_patches, video_geometry
+from .patchify import as_video, gather_patches, patch_view, scatter_patches, video_geometry
 
 MAX_PATCH_PIXELS = 1 << 16  # one patch is one block of a program
 # The target normalisations, by name; the kernels take the index as the NORM constexpr.
@@ -471,7 +471,9 @@ def _normalise_channels(target, channels):
 
 def _loss_forward_torch(targets, pred, weight, all_patches, state):
     """The torch path on the rows read only; fills the same state as the kernel."""
-    if targets.norm == "none" and targets.pred_ids is None:
+    residual = state[0]
+    in_place = torch.promote_types(pred.dtype, targets.video.dtype) == residual.dtype
+    if targets.norm == "none" and targets.pred_ids is None and in_place:
         return _loss_forward_every_row(targets, pred, weight, all_patches, state)
     residual, mean, rstd, patch_mse = state
     rows_per_sample, pixels = pred.shape[1], pred.shape[2]
@@ -499,22 +501,21 @@ def _loss_forward_torch(targets, pred, weight, all_patches, state):
 
 def _loss_forward_every_row(targets, pred, weight, all_patches, state):
     """The torch path without normalisation, rows in patch order: every row at once, in
-    whole-tensor passes, where gathering the weighted rows (most of them, at MAE's ratios)
-    would cost more passes than the rows it skips; ``torch.where`` still keeps a weight-0
-    row, NaN included, out of the loss and the residual."""
+    whole-tensor passes that read the (strided) images in place, where gathering the weighted
+    rows (most of them, at MAE's ratios) would cost more passes than the rows it skips; a
+    weight-0 row, NaN included, is still kept out of the loss and the residual."""
     residual, _, _, patch_mse = state
-    n, rows, pixels = pred.shape
     video = targets.video
     if targets.frames is not None:
         video = video.index_select(2, targets.frames)
-    target = gather_patches(video, None, targets.patch_size, True, False).view(n, rows, pixels)
-    diff = torch.sub(pred, target)  # reads the strided pred in place
-    mse = torch.linalg.vector_norm(diff, dim=-1).square_().div_(pixels).view(-1)
-    is_weighted = weight != 0
+    patches = patch_view(video, targets.patch_size)  # [N, t, h, w, u, ph, pw, C], a view
+    diff = residual.view(patches.shape)
+    torch.sub(pred.view(patches.shape), patches, out=diff)
+    mse = torch.linalg.vector_norm(residual, dim=-1).square_().div_(residual.shape[1])
     if all_patches:
         patch_mse.copy_(mse)
-    weighted = diff.view(-1, pixels).mul_(weight[:, None])
-    residual.copy_(torch.where(is_weighted[:, None], weighted, 0.0))
+    is_weighted = weight != 0
+    residual.mul_(weight[:, None]).masked_fill_(is_weighted.logical_not()[:, None], 0.0)
     return torch.where(is_weighted, mse * weight, 0.0).sum()
 
 

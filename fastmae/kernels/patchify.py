@@ -185,6 +185,12 @@ def _grid_index(ids: Tensor, view: Tensor):
     return (rows, ids // (grid_h * grid_w), ids // grid_w % grid_h, ids % grid_w), in_range
 
 
+def patch_view(video: Tensor, patch_size) -> Tensor:
+    """A strided view ``[N, t, h, w, u, ph, pw, C]`` of a video ``[N, C, F, H, W]``: the
+    patches in the shape a ``[N, t*h*w, u*ph*pw*C]`` tensor views as, with no copy."""
+    return _patch_view(video, patch_size, channel_last=True)
+
+
 def _gather_torch(video, ids, patch_size, channel_last: bool):
     """-> ``[N, T, *patch]``, a new tensor (an op's output must not alias its input)."""
     view = _patch_view(video, patch_size, channel_last)

@@ -1,16 +1,11 @@
 """Fused random masking against the official double argsort."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import fastmae
 from fastmae import functional, reference
+from tests.helpers import run_without_interpreter
 
 SHAPES = [(1, 4, 0.5), (3, 16, 0.75), (7, 49, 0.75), (5, 100, 0.8), (2, 196, 0.9), (4, 30, 0.0)]
 
@@ -79,15 +74,5 @@ def test_masking_kernel_compiles_with_bf16_noise_and_mask():
     the static check does: Triton 3.0/3.1 once failed on it. In a subprocess, since this
     process's kernels are the interpreter's."""
     pytest.importorskip("triton.backends.nvidia")
-    root = pathlib.Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_BF16_MASKING],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=dict(os.environ, TRITON_INTERPRET="0"),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for usage in json.loads(done.stdout.splitlines()[-1]):
+    for usage in run_without_interpreter(COMPILE_BF16_MASKING):
         assert usage["local"] == 0 and usage["bf16_in_ptx"], usage  # no spills, bf16 kept

@@ -27,6 +27,13 @@ transforms; a mask that masks every tubelet, or (``VideoMAEForPreTraining``) non
 deliberate difference: a ``bool_masked_pos`` that masks different counts in different samples
 raises a ValueError saying so (HF's reshape either fails or silently mixes samples).
 
+Decoder masking (``apply_fastmae(model, decoder_mask_ratio=...)``, or forward's
+``decoder_mask [N, L]``): the decoder sees the visible tubelets and the decoded masked ones
+only (a uniform random subset of ``int(masked * (1 - ratio))``, the lowest of a ``torch.rand``
+drawn first in forward, or those ``decoder_mask`` marks), and the logits ``[N, M, P]`` and the
+loss are the decoded tubelets', in increasing order. :mod:`fastmae.hf.reference` holds its
+plain-torch oracle.
+
 Needs transformers 5.x or 4.x from 4.40.
 """
 

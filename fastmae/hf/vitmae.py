@@ -22,6 +22,12 @@ image size; ``noise`` that is not a floating ``[N, L]`` tensor on the images' de
 ``mask_ratio`` outside ``[0, 1)``; decoder inputs whose ``ids_restore`` is not ``[N, L]`` of
 the model's L; a loss whose ``pred`` or ``mask`` is not shaped as the model makes them.
 
+Decoder masking (``apply_fastmae(model, decoder_mask_ratio=...)``, transformers 5.x): the
+decoder sees the cls token, the kept patches and the removed ones of lowest noise only (the
+rule of :func:`fastmae.reference.decoder_masking`), logits stay ``[N, L, P]`` (zero where not
+decoded) and the loss averages over the decoded removed patches; a call HF's own code would
+take raises instead. :mod:`fastmae.hf.reference` holds its plain-torch oracle.
+
 Supports transformers 5.x, and 4.x from 4.40 (where ``ViTMAEForPreTraining`` has
 ``forward_loss`` and the decoder takes ``output_attentions``): the patch is chosen by the
 features the installed version has, not by its version string.

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402  (imports Hugging Face's top-level `kernels`)
 
@@ -129,9 +130,40 @@ def families():
     }  # fmt: skip
 
 
+def data_loader_ok() -> bool:
+    """fastmae.data from the wheel: two JPEGs written here, one batch through the loader (two
+    workers), against the oracle on Pillow's decode with the same draws."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    import fastmae.data
+    import fastmae.data.reference
+
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        for name, size in (("a", (40, 30)), ("b", (24, 52))):
+            os.makedirs(os.path.join(root, name))
+            pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(os.path.join(root, name, "x.JPEG"), quality=90)
+        dataset = fastmae.data.ImageFolder(root)
+        loader = fastmae.data.DataLoader(dataset, batch_size=2, num_workers=2, input_size=16)
+        samples, targets = next(iter(loader))
+        ok = targets.tolist() == [0, 1]
+        for index, row in enumerate(samples):
+            with Image.open(io.BytesIO(dataset[index][0].numpy().tobytes())) as image:
+                image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+            box, flip = fastmae.data.draw(*image.shape[1:], 0, 0, index, loader.augmentation)
+            expected = fastmae.data.reference.augment_image(image, box, flip, loader.augmentation)
+            ok = ok and torch.equal(row, expected)
+    print(f"{'ok  ' if ok else 'FAIL'} fastmae.data: a batch of 2 JPEGs equals the oracle's")
+    return ok
+
+
 def main():
     installed_not_checkout()
-    failures = []
+    failures = [] if data_loader_ok() else ["fastmae.data"]
     for name, (fused, oracle, call) in families().items():
         expected = call(oracle)
         expected.backward()

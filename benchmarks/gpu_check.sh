@@ -25,7 +25,7 @@ python -c "import fastmae.kernels" 2>/dev/null ||
 status=0
 # The CUDA tests (the rest of the suite runs on CPU tensors, as CI runs it).
 echo "== CUDA tests, at most ${TESTS_S}s"
-timeout -k 5 "$TESTS_S" python -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 |
+timeout -k 5 "$TESTS_S" python -m pytest tests/test_cuda.py tests/test_data/test_cuda.py -q -p no:cacheprovider -rA 2>&1 |
     tee "$out/tests.txt" | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== static check, at most ${STATIC_S}s"

@@ -103,6 +103,8 @@ def speedups(rows: list[dict]) -> dict[str, dict[str, dict]]:
         for impl in sorted(impls, key=_sort_key):
             row, info = impls[impl], impls[impl]["extra_info"]
             entry = dict(median=row["median"], peak_mb=info.get("peak_mb"))
+            if info.get("images"):  # the input group: images per batch
+                entry["images"] = info["images"]
             entry["cold_s"] = info.get("cold_s")
             for baseline in ("reference", "official"):
                 base = impls.get(baseline)
@@ -150,6 +152,7 @@ def summarize(rows: list[dict]) -> str:
                 f"{_cell(entry['peak_mb'], '.0f'):>7} {_cell(entry['cold_s'], '.1f'):>6}"
             )
     devices = {row["extra_info"].get("device") for row in rows} - {None}
+    lines += input_budget(table, gpu=not all(d.startswith("CPU") for d in devices))
     lines.append(f"device: {', '.join(sorted(devices))}")
     lines.append(
         "vs ref: median of the per-round ratios, each round timing the reference and the row on "
@@ -158,6 +161,41 @@ def summarize(rows: list[dict]) -> str:
     )
     lines.append(TARGETS)
     return "\n".join(lines)
+
+
+def input_budget(table: dict[str, dict[str, dict]], gpu: bool) -> list[str]:
+    """The input group's images/s per process, and for each image train-step group the CPU
+    cores per GPU that each pipeline needs to keep its fastmae rows fed: the official one
+    ``step / official`` (its workers decode and augment), fastmae's ``1 + step / workers``
+    (the loading process, plus workers that read bytes); on a GPU fastmae's decoding also
+    takes ``step / fastmae`` of the GPU's time."""
+    rates = {
+        impl: entry["images"] / entry["median"]
+        for impl, entry in table.get("input", {}).items()
+        if entry.get("images")
+    }
+    if not rates:
+        return []
+    lines = [
+        "input, images/s of one process: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+    ]
+    for group, impls in table.items():
+        match = re.fullmatch(r"(?:vitmae )?train-step (\S+) n=(\d+)", group)
+        if not match:
+            continue
+        for impl in ("fastmae", "fastmae+compile_blocks"):
+            if impl not in impls:
+                continue
+            step = int(match[2]) / impls[impl]["median"]
+            needs = []
+            if "official" in rates:
+                needs.append(f"official {step / rates['official']:.1f} cores")
+            if "fastmae workers" in rates:
+                needs.append(f"fastmae {1 + step / rates['fastmae workers']:.1f} cores")
+            if gpu and "fastmae" in rates:
+                needs.append(f"fastmae decoding {100 * step / rates['fastmae']:.0f}% of the GPU")
+            lines.append(f"{group} {impl}: {step:.0f} images/s, to feed: {', '.join(needs)}")
+    return lines
 
 
 # -- results files --------------------------------------------------------------------------------
@@ -201,6 +239,9 @@ def results_markdown(record: dict) -> str:
                 f"| {_cell(entry['gbps'], '.0f')} | {_cell(entry['copy_pct'], '.0f')} "
                 f"| {_cell(entry['peak_mb'], '.0f')} |"
             )
+    budget = input_budget(record["groups"], gpu=not record["device"].startswith("CPU"))
+    if budget:
+        lines += ["", "## Input", ""] + [f"- {line}" for line in budget]
     return "\n".join(lines) + "\n"
 
 

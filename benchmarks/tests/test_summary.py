@@ -43,6 +43,34 @@ def test_speedups_over_reference_and_official():
     assert "fastmae+compile_blocks" in text and "8.00x" in text and "30.0" in text
 
 
+def test_input_budget_turns_images_per_second_into_cores_per_gpu(tmp_path):
+    """32 images a batch: official 100 images/s a process, fastmae workers 1000, fastmae 4000;
+    a ViT-B step of 64 images in 0.02 s is 3200 images/s: 32 official cores, 1 + 3.2 fastmae
+    cores, and 80% of a GPU's time to decode."""
+    rows = [
+        row("input", "official", 0.32),
+        row("input", "fastmae workers", 0.032),
+        row("input", "fastmae", 0.008),
+        row("train-step mae_vit_base_patch16 n=64", "reference", 0.04),
+        row("train-step mae_vit_base_patch16 n=64", "fastmae", 0.02),
+    ]
+    for entry in rows[:3]:
+        entry["extra_info"]["images"] = 32
+    table = summary.speedups(rows)
+    cpu, gpu = summary.input_budget(table, gpu=False), summary.input_budget(table, gpu=True)
+    assert (
+        cpu[0] == "input, images/s of one process: official 100, fastmae 4000, fastmae workers 1000"
+    )
+    assert cpu[1] == (
+        "train-step mae_vit_base_patch16 n=64 fastmae: 3200 images/s, to feed: official 32.0 "
+        "cores, fastmae 4.2 cores"
+    )
+    assert gpu[1] == cpu[1] + ", fastmae decoding 80% of the GPU"
+    assert summary.input_budget(summary.speedups(ROWS), gpu=False) == []
+    markdown = Path(summary.write_results(rows, str(tmp_path))).read_text()
+    assert "## Input" in markdown and "official 32.0 cores" in markdown
+
+
 def test_plot_writes_a_png_from_a_json_run(tmp_path):
     results = tmp_path / "results.json"
     benchmarks = [

@@ -30,7 +30,8 @@ from fastmae.data import DataLoader, ImageFolder
 from fastmae.data.loader import _collate, _Indexed
 
 SIZES = ((375, 500), (500, 375))  # ImageNet's most common shapes
-FILES_PER_CLASS = 32
+# A batch of up to 128 files (a GPU's nvJPEG batch; the CPU's batch is settings.batch).
+FILES_PER_CLASS = 64
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,11 @@ def _decode_jpeg_on_device(encoded: list[torch.Tensor], device: torch.device):
             stacklevel=3,
         )
         return None
+    # nvJPEG's hardware engine writes its outputs without waiting for the work already queued
+    # on the stream it is given, and the caching allocator hands that stream blocks freed
+    # while queued kernels still read them: wait for the stream first (pytorch/vision#9606).
+    # The decode synchronises the host with that stream before it returns anyway.
+    torch.cuda.current_stream(device).synchronize()
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:

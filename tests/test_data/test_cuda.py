@@ -73,3 +73,25 @@ def test_prefetched_batches_are_ready_when_the_training_stream_uses_them(tmp_pat
             assert torch.equal(row, augment_image(image, box, flip, loader.augmentation))
         assert targets.device.type == "cuda"
         assert targets.tolist() == [dataset.targets[i] for i in indices]
+
+
+def test_decoding_does_not_overwrite_memory_that_queued_work_still_reads(fresh_seed):
+    """Blocks of the decoded images' size are freed while reductions of them are still queued
+    behind a long matrix product, then a batch is decoded on the same stream: the reductions
+    must still see the values they were queued with (nvJPEG's hardware engine does not wait
+    for the stream; pytorch/vision#9606)."""
+    pytest.importorskip("torchvision")
+    rng = np.random.default_rng(fresh_seed)
+    files = [jpeg(rng, 480, 640) for _ in range(8)]
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+    busy = torch.randn(8192, 8192, device=CUDA)
+    for _ in range(10):
+        shape = (3, 480, 640)
+        blocks = [torch.randint(0, 256, shape, dtype=torch.uint8, device=CUDA) for _ in range(8)]
+        expected = [int(b.sum()) for b in blocks]
+        for _ in range(5):
+            busy = busy @ busy / busy.norm()
+        sums = [b.sum() for b in blocks]  # queued behind the products
+        del blocks
+        decode_batch(encoded, [str(i) for i in range(8)], CUDA)
+        assert [int(s) for s in sums] == expected

@@ -64,8 +64,9 @@ def test_batches_equal_the_oracle(dataset, fresh_seed, drop_last):
 
 
 def test_workers_and_prefetching_do_not_change_the_batches(dataset):
-    """Two epochs with the same order: no workers and no prefetching, then two workers with a
-    prefetch thread: the same batches; the second epoch's differ from the first's."""
+    """Two epochs with the same order: no workers and no prefetching, then two persistent
+    workers with a prefetch thread: the same batches; the second epoch's differ from the
+    first's."""
     order = list(range(len(dataset)))
     runs = []
     for workers, prefetch in [(0, False), (2, True)]:
@@ -77,6 +78,7 @@ def test_workers_and_prefetching_do_not_change_the_batches(dataset):
             prefetch=prefetch,
             input_size=SIZE,
             seed=1,
+            persistent_workers=workers > 0,
         )
         runs.append([collect(loader), collect(loader)])
     for epoch in range(2):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastmae._checks import to_2tuple
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # facebookresearch/mae's main_pretrain.py: RandomResizedCrop(input_size, scale=(0.2, 1.0),
@@ -47,16 +49,7 @@ class Augmentation:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self):
-        size = self.size
-        if isinstance(size, int) and not isinstance(size, bool):
-            object.__setattr__(self, "size", (size, size))
-        elif not (
-            isinstance(size, (tuple, list))
-            and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-        ):
-            raise ValueError(f"size must be a positive int or an (H, W) pair, got {size!r}")
-        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "size", to_2tuple(self.size, "size"))
         low, high = _pair(self.scale, "scale")
         if not 0 < low <= high:
             raise ValueError(f"scale must satisfy 0 < low <= high, got {self.scale!r}")

@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from fastmae._checks import to_2tuple
 from fastmae.data.augment import Augmentation, augment_batch, draw
 from fastmae.data.decode import decode_batch
 from fastmae.data.folder import byte_tensor
@@ -62,9 +63,11 @@ class DataLoader:
                     f"fastmae.data.DataLoader makes its own {owned}; pass sampler, batch_size "
                     "and drop_last instead"
                 )
+        if input_size is not None:
+            input_size = to_2tuple(input_size, "input_size")
         if augmentation is None:
             augmentation = Augmentation(size=224 if input_size is None else input_size)
-        elif input_size is not None and Augmentation(size=input_size).size != augmentation.size:
+        elif input_size is not None and input_size != augmentation.size:
             raise ValueError(
                 f"input_size {input_size!r} disagrees with augmentation.size "
                 f"{augmentation.size!r}; give one of them"

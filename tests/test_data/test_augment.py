@@ -200,7 +200,7 @@ def test_crop_draws_match_torchvision_in_distribution(fresh_seed):
 
 
 def test_augmentation_settings_are_checked():
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(TypeError, match="size must be an int or an"):
         Augmentation(size=(224,))
     with pytest.raises(ValueError, match="scale"):
         Augmentation(scale=(0.5, 0.2))

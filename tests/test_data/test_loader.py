@@ -165,8 +165,12 @@ def test_an_early_break_ends_the_prefetch_thread(dataset):
 def test_loader_errors(dataset):
     with pytest.raises(TypeError, match="collate_fn"):
         DataLoader(dataset, collate_fn=lambda x: x)
-    with pytest.raises(ValueError, match="input_size 32 disagrees"):
+    with pytest.raises(ValueError, match=r"input_size \(32, 32\) disagrees"):
         DataLoader(dataset, input_size=32, augmentation=Augmentation(size=16))
+    with pytest.raises(ValueError, match="input_size must hold positive ints, got 0"):
+        DataLoader(dataset, input_size=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        DataLoader(dataset, seed="0")
     with pytest.raises(ValueError, match="CPU or CUDA device"):
         DataLoader(dataset, device="meta")
     decoded_dataset = [(torch.zeros(3, 8, 8), 0)]

@@ -2,7 +2,8 @@
 
 ``fastmae.MaskedAutoencoderViT`` is a drop-in for facebookresearch/mae's model;
 ``fastmae.reference`` is the pure-PyTorch oracle; ``fastmae.functional`` holds the fused ops;
-``fastmae.hf`` (with transformers installed) puts them into Hugging Face's ViTMAE and VideoMAE.
+``fastmae.hf`` (with transformers installed) puts them into Hugging Face's ViTMAE and VideoMAE;
+``fastmae.data`` is the official pre-training input, decoded and augmented on the GPU.
 """
 
 from fastmae import functional, reference

@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from fastmae._checks import to_2tuple
+from fastmae._checks import describe, to_2tuple
 from fastmae.data.augment import Augmentation, augment_batch, draw
 from fastmae.data.decode import decode_batch
 from fastmae.data.folder import byte_tensor
@@ -199,16 +199,10 @@ class _Indexed(torch.utils.data.Dataset):
         elif not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1):
             raise TypeError(
                 f"dataset[{index}][0] must be a file's bytes (bytes or a 1-D uint8 tensor), "
-                f"got {_what(data)}; give fastmae.data.DataLoader an undecoded dataset such "
+                f"got {describe(data)}; give fastmae.data.DataLoader an undecoded dataset such "
                 "as fastmae.data.ImageFolder"
             )
         return index, data, target
-
-
-def _what(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
 
 
 def _collate(items):

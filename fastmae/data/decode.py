@@ -77,16 +77,13 @@ def decode_batch(
     Returns uint8 ``[3, H_i, W_i]`` RGB tensors on ``device``, in order."""
     payloads = [data.numpy().tobytes() for data in encoded]
     images: list[torch.Tensor | None] = [None] * len(encoded)
-    on_device = []
     if device.type == "cuda":
         on_device = [i for i, data in enumerate(payloads) if device_decodable(data)]
-        if on_device:
-            decoded = _decode_jpeg_on_device([encoded[i] for i in on_device], device)
-            if decoded is None:
-                on_device = []
-            else:
-                for i, image in zip(on_device, decoded):
-                    images[i] = image
+        decoded = (
+            _decode_jpeg_on_device([encoded[i] for i in on_device], device) if on_device else None
+        )
+        for i, image in zip(on_device, decoded or []):
+            images[i] = image  # None where nvJPEG refused the file
     for i, image in enumerate(images):
         if image is None:
             images[i] = decode_with_pillow(payloads[i], names[i]).to(device)

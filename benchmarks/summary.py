@@ -167,8 +167,9 @@ def input_budget(table: dict[str, dict[str, dict]], gpu: bool) -> list[str]:
     """The input group's images/s per process, and for each image train-step group the CPU
     cores per GPU that each pipeline needs to keep its fastmae rows fed: the official one
     ``step / official`` (its workers decode and augment), fastmae's ``1 + step / workers``
-    (the loading process, plus workers that read bytes); on a GPU fastmae's decoding also
-    takes ``step / fastmae`` of the GPU's time."""
+    (the loading process, plus workers that read bytes); on a GPU, fastmae's batches take
+    ``step / fastmae`` of the step's time to make (in the prefetch thread, alongside the step;
+    over 100%, the step waits for them)."""
     rates = {
         impl: entry["images"] / entry["median"]
         for impl, entry in table.get("input", {}).items()
@@ -193,7 +194,9 @@ def input_budget(table: dict[str, dict[str, dict]], gpu: bool) -> list[str]:
             if "fastmae workers" in rates:
                 needs.append(f"fastmae {1 + step / rates['fastmae workers']:.1f} cores")
             if gpu and "fastmae" in rates:
-                needs.append(f"fastmae decoding {100 * step / rates['fastmae']:.0f}% of the GPU")
+                needs.append(
+                    f"fastmae's batches made in {100 * step / rates['fastmae']:.0f}% of a step"
+                )
             lines.append(f"{group} {impl}: {step:.0f} images/s, to feed: {', '.join(needs)}")
     return lines
 

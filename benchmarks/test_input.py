@@ -11,9 +11,9 @@ Rows (each times one batch of ``settings.batch`` files, read from the page cache
   bytes decoded on the device (nvJPEG on a GPU, Pillow on the CPU) and augmented there.
 - ``fastmae workers``: what its workers do: read the files' bytes and collate them.
 
-On a GPU, ``official`` is per CPU core, ``fastmae`` is GPU time taken from the training
-step, and ``fastmae workers`` per CPU core. The summary turns these and the train-step rows
-into CPU cores per GPU.
+On a GPU, ``official`` is per CPU core, ``fastmae`` the time to make a batch there (ahead of
+the step, in a thread beside it), and ``fastmae workers`` per CPU core. The summary turns these
+and the train-step rows into CPU cores per GPU.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_speedups_over_reference_and_official():
 def test_input_budget_turns_images_per_second_into_cores_per_gpu(tmp_path):
     """32 images a batch: official 100 images/s a process, fastmae workers 1000, fastmae 4000;
     a ViT-B step of 64 images in 0.02 s is 3200 images/s: 32 official cores, 1 + 3.2 fastmae
-    cores, and 80% of a GPU's time to decode."""
+    cores, and fastmae's batch made in 80% of a step's time."""
     rows = [
         row("input", "official", 0.32),
         row("input", "fastmae workers", 0.032),
@@ -65,7 +65,7 @@ def test_input_budget_turns_images_per_second_into_cores_per_gpu(tmp_path):
         "train-step mae_vit_base_patch16 n=64 fastmae: 3200 images/s, to feed: official 32.0 "
         "cores, fastmae 4.2 cores"
     )
-    assert gpu[1] == cpu[1] + ", fastmae decoding 80% of the GPU"
+    assert gpu[1] == cpu[1] + ", fastmae's batches made in 80% of a step"
     assert summary.input_budget(summary.speedups(ROWS), gpu=False) == []
     markdown = Path(summary.write_results(rows, str(tmp_path))).read_text()
     assert "## Input" in markdown and "official 32.0 cores" in markdown

@@ -87,6 +87,16 @@ def test_workers_and_prefetching_do_not_change_the_batches(dataset):
     assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])
 
 
+def test_spawned_workers_give_the_same_batches(dataset):
+    """Workers started by "spawn" (macOS's and Windows' default) unpickle the dataset and the
+    loader's parts: the same batches as no workers."""
+    order = list(range(len(dataset)))
+    options = dict(batch_size=4, sampler=order, input_size=SIZE, seed=2)
+    spawned = DataLoader(dataset, num_workers=2, multiprocessing_context="spawn", **options)
+    for (a, ta), (b, tb) in zip(collect(spawned), collect(DataLoader(dataset, **options))):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
 def test_epochs_follow_the_distributed_sampler(dataset):
     """Two ranks of DistributedSampler, as the official script makes them: each rank's batches
     are the oracle's for the indices its sampler gives in that epoch, and the ranks together

@@ -4,6 +4,7 @@ same batches whatever the workers, prefetching or rank; the official training lo
 with only the dataset and loader lines changed."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -163,13 +164,14 @@ def test_awkward_files_load_and_a_truncated_file_stops_with_its_name(tmp_path, f
 
 
 def test_an_early_break_ends_the_prefetch_thread(dataset):
-    loader = DataLoader(dataset, batch_size=2, input_size=SIZE, num_workers=2, prefetch=True)
-    before = {t.name for t in __import__("threading").enumerate()}
-    for _ in loader:
-        break
-    import threading
+    def prefetch_threads():
+        return [t for t in threading.enumerate() if t.name == "fastmae.data prefetch"]
 
-    assert "fastmae.data prefetch" not in {t.name for t in threading.enumerate()} - before
+    loader = DataLoader(dataset, batch_size=2, input_size=SIZE, num_workers=2, prefetch=True)
+    for _ in loader:
+        assert len(prefetch_threads()) == 1
+        break
+    assert prefetch_threads() == []
 
 
 def test_loader_errors(dataset):
